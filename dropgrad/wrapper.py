@@ -1,0 +1,457 @@
+"""The :class:`DropGrad` optimizer wrapper: gradient dropout before any torch optimizer's step."""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from . import masks as _masks
+from .functional import _scale_for, _seed_from_generator, apply_masks_, check_rate
+from .rates import (
+    Rate,
+    _is_live_marker,
+    collect_param_names,
+    encode_rate,
+    evaluate_rate,
+    is_schedule,
+    resolve_param_rates,
+    validate_rate,
+)
+
+__all__ = ["DropGrad"]
+
+_STATE_KEY = "dropgrad"
+_STATE_FORMAT = 1
+_TWO32 = 1 << 32
+
+
+class DropGrad(torch.optim.Optimizer):
+    r"""Wrap a ``torch.optim`` optimizer so that every step sees dropped-out gradients.
+
+    Before each step, every gradient element is zeroed independently with
+    probability ``p`` and survivors are multiplied by ``1/(1-p)``:
+    ``g <- g * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)``, so ``E[g]`` is
+    unchanged. Then the wrapped optimizer's own ``step()`` runs.
+
+    The wrapper *is* a ``torch.optim.Optimizer`` and shares ``param_groups`` and
+    ``state`` with the wrapped one, so LR schedulers, ``GradScaler``, hooks and
+    checkpoints work on either object.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` to wrap.
+        drop_rate: default rate for every parameter: a number in ``[0, 1]``, a
+            schedule from :mod:`dropgrad.schedules`, or a ``callable(step)``.
+            ``None`` leaves parameters that ``params`` and param groups do not
+            name undropped (then ``params`` is required).
+        params: per-parameter rates: a dict from parameters or parameter names
+            to rates. A name matches itself and its dotted children
+            (``'encoder'`` matches ``'encoder.layer0.weight'``); globs such as
+            ``'*.bias'`` work; the most specific key wins.
+        full_update_drop: probability of skipping a whole step (a number in
+            ``[0, 1]`` or a schedule); ``True`` means "with probability
+            ``drop_rate``", ``False`` never skips.
+        seed: seed of the masks (and of the full-update coin). Without one, a
+            seed is drawn once from torch's global RNG here, at construction.
+        rescale: multiply survivors by ``1/(1-p)`` (default ``True``).
+        model: a module to take parameter names from (for name keys in ``params``).
+        named_parameters: ``(name, parameter)`` pairs to take names from.
+        drop_rate_scheduler: a schedule for the default rate (same as passing it
+            as ``drop_rate``).
+        impl: mask kernel: ``None`` (fastest available), ``"reference"`` or ``"fused"``.
+
+    A param group may carry its own ``"drop_rate"`` key (like ``"lr"``); rates
+    resolve as: ``params`` entry, else the group's ``drop_rate``, else ``drop_rate``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=0)
+        >>> model(torch.randn(3, 4)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        drop_rate: Rate | None = None,
+        params: Mapping[Any, Rate] | None = None,
+        full_update_drop: bool | Rate = False,
+        seed: int | None = None,
+        rescale: bool = True,
+        *,
+        model: torch.nn.Module | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        drop_rate_scheduler: Any = None,
+        impl: str | None = None,
+    ) -> None:
+        if isinstance(optimizer, DropGrad):
+            raise TypeError("optimizer is already a DropGrad; wrap the underlying optimizer once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        # What torch.optim.Optimizer.__init__ would set up, minus param_groups/state,
+        # which belong to the wrapped optimizer (see the properties below).
+        self.optimizer = optimizer
+        self._init_hook_dicts()
+        self._patch_step_function()
+
+        if drop_rate_scheduler is not None:
+            if not (is_schedule(drop_rate_scheduler) or callable(drop_rate_scheduler)):
+                raise TypeError(
+                    f"drop_rate_scheduler must be a schedule (get_drop_rate/step) or a callable(step), "
+                    f"got {drop_rate_scheduler!r}"
+                )
+            if drop_rate is not None:
+                warnings.warn(
+                    f"drop_rate={drop_rate!r} is replaced by drop_rate_scheduler={drop_rate_scheduler!r}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            drop_rate = drop_rate_scheduler
+        if drop_rate is None and params is None:
+            raise ValueError("DropGrad needs drop_rate or params (or both); got neither")
+        self._drop_rate = validate_rate(drop_rate, "drop_rate", allow_none=True)
+
+        if full_update_drop is True:
+            if self._drop_rate is None:
+                raise ValueError("full_update_drop=True means 'skip with probability drop_rate', but drop_rate is None")
+            self._full_update_drop: Rate | str = "drop_rate"
+        elif full_update_drop is False or full_update_drop is None:
+            self._full_update_drop = 0.0
+        else:
+            self._full_update_drop = validate_rate(full_update_drop, "full_update_drop")
+
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {rescale!r}")
+        self.rescale = rescale
+        if impl not in (None, "reference", "fused"):
+            raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
+        self.impl = impl
+
+        if seed is None:
+            seed = _seed_from_generator(None)
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = int(seed)
+        self._step_count = 0
+        self.last_step_skipped = False
+
+        for i, group in enumerate(self.param_groups):
+            if "drop_rate" in group:
+                group["drop_rate"] = validate_rate(group["drop_rate"], f"param_groups[{i}]['drop_rate']", allow_none=True)
+        self._param_rates: dict[int, Rate] = {}
+        if params is not None:
+            names = collect_param_names(self.param_groups, model, named_parameters)
+            self._param_rates = resolve_param_rates(params, self._flat_params(), names)
+
+    # ------------------------------------------------------------------ plumbing
+    def _init_hook_dicts(self) -> None:
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+
+    # param_groups, state and defaults *are* the wrapped optimizer's: a scheduler
+    # built on either object changes the same dicts, and load_state_dict on the
+    # wrapped optimizer (which replaces its lists) never leaves us stale.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        skip = {name for name in self.__dict__ if name.startswith("_optimizer_") and name.endswith("_hooks")}
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Optimizer.__setstate__ would write param_groups/state into __dict__,
+        # shadowed by our properties; restore our own attributes instead.
+        self.__dict__.update(state)
+        self._init_hook_dicts()
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n    ")
+        fud = "drop_rate" if self._full_update_drop == "drop_rate" else self._full_update_drop
+        return (
+            f"DropGrad(drop_rate={self._drop_rate!r}, full_update_drop={fud!r}, rescale={self.rescale}, "
+            f"per_param_rates={len(self._param_rates)}, seed={self.seed}, step={self._step_count},\n"
+            f"    optimizer={inner})"
+        )
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ rates
+    @property
+    def drop_rate(self) -> Rate | None:
+        """The default drop rate (a number, a schedule, a callable or None)."""
+        return self._drop_rate
+
+    @drop_rate.setter
+    def drop_rate(self, value: Rate | None) -> None:
+        self._drop_rate = validate_rate(value, "drop_rate", allow_none=True)
+
+    @property
+    def full_update_drop(self) -> Rate | bool:
+        """Probability of skipping a whole step (``True``: the drop rate)."""
+        return True if self._full_update_drop == "drop_rate" else self._full_update_drop
+
+    @property
+    def step_count(self) -> int:
+        """Number of ``step()`` calls so far, skipped ones included (the schedules' clock)."""
+        return self._step_count
+
+    def _schedules(self) -> list[tuple[str, Any]]:
+        """Every stateful schedule in use, with a stable name for checkpoints."""
+        found = []
+        if is_schedule(self._drop_rate):
+            found.append(("default", self._drop_rate))
+        if is_schedule(self._full_update_drop):
+            found.append(("full_update_drop", self._full_update_drop))
+        for i, group in enumerate(self.param_groups):
+            if is_schedule(group.get("drop_rate")):
+                found.append((f"group:{i}", group["drop_rate"]))
+        for j in sorted(self._param_rates):
+            if is_schedule(self._param_rates[j]):
+                found.append((f"param:{j}", self._param_rates[j]))
+        return found
+
+    def current_drop_rates(self) -> list[float]:
+        """The rate each parameter gets at the coming step, in optimizer order."""
+        cache: dict[int, float] = {}
+        return [rate for _, _, rate in self._plan(cache)]
+
+    def _plan(self, cache: dict[int, float]) -> list[tuple[int, torch.Tensor, float]]:
+        step = self._step_count
+        default = evaluate_rate(self._drop_rate, step, cache)
+        plan = []
+        index = 0
+        for group in self.param_groups:
+            group_rate = evaluate_rate(group["drop_rate"], step, cache) if "drop_rate" in group else default
+            for p in group["params"]:
+                rate = group_rate
+                if index in self._param_rates:
+                    rate = evaluate_rate(self._param_rates[index], step, cache)
+                plan.append((index, p, rate))
+                index += 1
+        return plan
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _mask_gradients(self, plan: list[tuple[int, torch.Tensor, float]], evaluation: int) -> None:
+        grads, keys, thresholds, scales = [], [], [], []
+        for index, p, rate in plan:
+            g = p.grad
+            if g is None or rate == 0.0:
+                continue
+            if g.is_sparse:
+                g = g._values()
+            if g.numel() == 0:
+                continue
+            grads.append(g)
+            keys.append(_masks.derive_key(self.seed, self._step_count, index, _masks.MASKS_STREAM + evaluation))
+            thresholds.append(_masks.keep_threshold(rate))
+            scales.append(_scale_for(rate, self.rescale))
+        if grads:
+            apply_masks_(grads, keys, thresholds, scales, impl=self.impl)
+
+    def _skip_this_step(self, cache: dict[int, float]) -> bool:
+        fud = self._drop_rate if self._full_update_drop == "drop_rate" else self._full_update_drop
+        q = evaluate_rate(fud, self._step_count, cache)
+        if q == 0.0:
+            return False
+        key = _masks.derive_key(self.seed, self._step_count, 0, _masks.FULL_UPDATE_STREAM)
+        return _masks.hash32(key, 0) < int(round(q * _TWO32))
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Mask the gradients, then step the wrapped optimizer (or skip the step).
+
+        With a closure, the gradients each closure evaluation produces are masked
+        (LBFGS evaluates it several times; each evaluation draws fresh masks).
+        A step skipped by full update drop still evaluates the closure and
+        returns its loss, but leaves parameters and optimizer state untouched.
+        """
+        cache: dict[int, float] = {}
+        plan = self._plan(cache)
+        skip = self._skip_this_step(cache)
+        if skip:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # an LR scheduler built on the wrapped optimizer tracks its step calls;
+            # a deliberate skip is still a step, so don't let it warn about order
+            if hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
+                self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        elif closure is None:
+            self._mask_gradients(plan, 0)
+            loss = self.optimizer.step()  # attribute lookup: schedulers patch it
+        else:
+            evaluations = itertools.count()
+
+            def masked_closure():
+                with torch.enable_grad():
+                    result = closure()
+                self._mask_gradients(plan, next(evaluations))
+                return result
+
+            loss = self.optimizer.step(masked_closure)
+        self.last_step_skipped = skip
+        self._step_count += 1
+        seen: set[int] = set()
+        for _, sched in self._schedules():
+            if id(sched) not in seen:
+                seen.add(id(sched))
+                sched.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; a ``"drop_rate"`` key sets the group's rate."""
+        if isinstance(param_group, dict) and "drop_rate" in param_group:
+            param_group["drop_rate"] = validate_rate(
+                param_group["drop_rate"], "param_group['drop_rate']", allow_none=True
+            )
+        self.optimizer.add_param_group(param_group)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _dropgrad_state(self) -> dict[str, Any]:
+        return {
+            "format": _STATE_FORMAT,
+            "seed": self.seed,
+            "step": self._step_count,
+            "last_step_skipped": self.last_step_skipped,
+            "rescale": self.rescale,
+            "drop_rate": encode_rate(self._drop_rate),
+            "full_update_drop": (
+                "drop_rate" if self._full_update_drop == "drop_rate" else encode_rate(self._full_update_drop)
+            ),
+            "param_rates": {j: encode_rate(r) for j, r in self._param_rates.items()},
+            "schedules": {name: sched.state_dict() for name, sched in self._schedules()},
+        }
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus DropGrad's under ``"dropgrad"``.
+
+        Holds only tensors and plain Python values (``torch.load(weights_only=True)``
+        reads it); schedules and callables are saved as their state or as a marker,
+        and restored into the live objects on load. The ``"state"`` and
+        ``"param_groups"`` entries load into the bare optimizer too.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        inner = self.optimizer.state_dict()
+        state_dict = {
+            "state": inner["state"],
+            "param_groups": [
+                {**g, "drop_rate": encode_rate(g["drop_rate"])} if "drop_rate" in g else g
+                for g in inner["param_groups"]
+            ],
+            _STATE_KEY: self._dropgrad_state(),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or from the bare optimizer, with a warning)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        ours = state_dict.get(_STATE_KEY)
+        if ours is not None:
+            self._check_state(ours)
+        live_group_rates = [g.get("drop_rate") for g in self.param_groups]
+        inner = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        self.optimizer.load_state_dict(inner)
+        for i, (group, live) in enumerate(zip(self.param_groups, live_group_rates)):
+            if "drop_rate" in group:
+                group["drop_rate"] = self._restore_rate(group["drop_rate"], live, f"param_groups[{i}]['drop_rate']")
+        if ours is None:
+            warnings.warn(
+                "state_dict has no DropGrad state (saved from the bare optimizer?): the wrapped optimizer's "
+                "state was loaded; DropGrad's step count starts at 0 with its current seed and rates",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            self.seed = int(ours["seed"])
+            self._step_count = int(ours["step"])
+            self.last_step_skipped = bool(ours["last_step_skipped"])
+            self.rescale = bool(ours["rescale"])
+            self._drop_rate = self._restore_rate(ours["drop_rate"], self._drop_rate, "drop_rate", allow_none=True)
+            if ours["full_update_drop"] == "drop_rate":
+                self._full_update_drop = "drop_rate"
+            else:
+                live = None if self._full_update_drop == "drop_rate" else self._full_update_drop
+                self._full_update_drop = self._restore_rate(ours["full_update_drop"], live, "full_update_drop")
+            self._param_rates = {
+                int(j): self._restore_rate(r, self._param_rates.get(int(j)), f"params rate of parameter {j}")
+                for j, r in ours["param_rates"].items()
+            }
+            saved = ours["schedules"]
+            for name, sched in self._schedules():
+                if name in saved:
+                    sched.load_state_dict(saved[name])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_state(self, ours: Any) -> None:
+        required = {"format", "seed", "step", "last_step_skipped", "rescale", "drop_rate", "full_update_drop",
+                    "param_rates", "schedules"}
+        if not isinstance(ours, Mapping) or not required <= set(ours):
+            missing = sorted(required - set(ours)) if isinstance(ours, Mapping) else sorted(required)
+            raise ValueError(f"state_dict['{_STATE_KEY}'] is not a DropGrad state (missing {missing})")
+        if ours["format"] > _STATE_FORMAT:
+            raise ValueError(
+                f"state_dict['{_STATE_KEY}'] has format {ours['format']}, newer than this dropgrad "
+                f"understands ({_STATE_FORMAT}); upgrade dropgrad"
+            )
+
+    @staticmethod
+    def _restore_rate(saved: Any, live: Any, name: str, allow_none: bool = False) -> Any:
+        if _is_live_marker(saved):
+            if live is None or isinstance(live, float) or _is_live_marker(live):
+                raise ValueError(
+                    f"the checkpoint's {name} was a schedule/callable ({saved}); pass the same schedule "
+                    f"when building DropGrad before loading (the live one is {live!r})"
+                )
+            return live
+        if saved is None and not allow_none:
+            return None
+        return validate_rate(saved, name, allow_none=True)
