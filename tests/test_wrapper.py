@@ -1,0 +1,524 @@
+"""The DropGrad wrapper's contract: API, rates by parameter/name/group, full update drop,
+seeds, closures, checkpoints, and clear errors."""
+
+import copy
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from dropgrad import DropGrad, masks
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(50, 40)
+
+
+def _grads_seen(opt_factory, params, grads, **wrap):
+    """Gradients the wrapped optimizer sees for one step, given raw gradients."""
+    seen = {}
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    seen[p] = None if p.grad is None else p.grad.clone()
+            return super().step(closure)
+
+    opt = DropGrad(Spy(opt_factory(params), lr=0.0), **wrap) if opt_factory else DropGrad(Spy(params, lr=0.0), **wrap)
+    for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads):
+        p.grad = None if g is None else g.clone()
+    opt.step()
+    return opt, seen
+
+
+class EncDec(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(30, 30), torch.nn.Linear(30, 30))
+        self.decoder = torch.nn.Linear(30, 30)
+        self.head = torch.nn.Linear(30, 1)
+
+
+def _drop_fraction(g):
+    return (g == 0).float().mean().item()
+
+
+# ---------------------------------------------------------------- it is an optimizer
+def test_is_an_optimizer_sharing_groups_and_state():
+    model = _linear()
+    base = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = DropGrad(base, drop_rate=0.1)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.optimizer is base
+    assert opt.param_groups is base.param_groups
+    assert opt.state is base.state
+    assert opt.defaults is base.defaults
+    assert opt.drop_rate == 0.1
+    model(torch.randn(2, 50)).sum().backward()
+    opt.step()
+    assert len(base.state) == 2  # the wrapped optimizer stepped
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_hooks_run():
+    model = _linear()
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=0)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    model(torch.randn(2, 50)).sum().backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+def test_add_param_group_with_drop_rate():
+    a, b = torch.nn.Parameter(torch.zeros(100_000)), torch.nn.Parameter(torch.zeros(100_000))
+    opt = DropGrad(torch.optim.SGD([a], lr=0.0), drop_rate=0.1, seed=3)
+    opt.add_param_group({"params": [b], "drop_rate": 0.7})
+    assert opt.optimizer.param_groups[1]["drop_rate"] == 0.7
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    assert abs(_drop_fraction(a.grad) - 0.1) < 0.01
+    assert abs(_drop_fraction(b.grad) - 0.7) < 0.01
+    with pytest.raises(ValueError, match=r"drop_rate.*\[0, 1\].*1.5"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "drop_rate": 1.5})
+
+
+def test_pickle_and_deepcopy_keep_working():
+    model = _linear()
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-3), drop_rate=0.2, seed=8)
+    model(torch.randn(2, 50)).sum().backward()
+    opt.step()
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.seed == 8 and clone.step_count == 1
+    assert clone.param_groups is clone.optimizer.param_groups
+    twin = copy.deepcopy(opt)
+    assert twin.step_count == 1 and twin.param_groups is twin.optimizer.param_groups
+    calls = []
+    twin.register_step_pre_hook(lambda *a: calls.append(1))
+    for p in twin.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    twin.step()
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- rates
+def test_rate_one_zeros_gradients_without_nan():
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt, seen = _grads_seen(None, [p], [torch.randn(1000)], drop_rate=1.0, seed=0)
+    assert torch.equal(seen[p], torch.zeros(1000))
+
+
+def test_rescale_false_keeps_survivors_unscaled():
+    p = torch.nn.Parameter(torch.ones(10_000))
+    g = torch.randn(10_000)
+    _, seen = _grads_seen(None, [p], [g], drop_rate=0.5, rescale=False, seed=0)
+    kept = seen[p] != 0
+    assert torch.equal(seen[p][kept], g[kept])
+    assert 0.45 < kept.float().mean().item() < 0.55
+
+
+def test_nan_and_inf_stay_non_finite():
+    p = torch.nn.Parameter(torch.ones(4000))
+    g = torch.full((4000,), float("nan"))
+    g[::2] = float("inf")
+    _, seen = _grads_seen(None, [p], [g], drop_rate=0.5, seed=0)
+    assert not torch.isfinite(seen[p]).any()
+
+
+def test_params_dict_with_names_verbatim():
+    model = EncDec()
+    optimizer = torch.optim.SGD(model.named_parameters(), lr=0.0)
+    optimizer = DropGrad(optimizer, params={"encoder": 0.1, "decoder": 0.2})
+    assert optimizer.drop_rate is None
+    rates = dict(zip([n for g in optimizer.param_groups for n in g["param_names"]], optimizer.current_drop_rates()))
+    assert rates == {
+        "encoder.0.weight": 0.1, "encoder.0.bias": 0.1, "encoder.1.weight": 0.1, "encoder.1.bias": 0.1,
+        "decoder.weight": 0.2, "decoder.bias": 0.2, "head.weight": 0.0, "head.bias": 0.0,
+    }
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))  # unlisted, drop_rate None
+    assert (model.decoder.weight.grad == 0).any()
+
+
+def test_params_dict_specificity_globs_and_default():
+    model = EncDec()
+    opt = DropGrad(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        drop_rate=0.05,
+        params={"encoder": 0.1, "encoder.1": 0.3, "encoder.1.bias": 0.4, "*.bias": 0.0, model.head.weight: 0.9},
+        model=model,
+    )
+    names = [n for n, _ in model.named_parameters()]
+    rates = dict(zip(names, opt.current_drop_rates()))
+    assert rates == {
+        "encoder.0.weight": 0.1, "encoder.0.bias": 0.1,  # a prefix beats a glob
+        "encoder.1.weight": 0.3, "encoder.1.bias": 0.4,  # longer prefix, then exact name
+        "decoder.weight": 0.05, "decoder.bias": 0.0,  # default, glob
+        "head.weight": 0.9, "head.bias": 0.0,  # parameter key is the most specific
+    }
+
+
+def test_params_dict_with_named_parameters_argument_and_parameter_keys():
+    model = EncDec()
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), params={"head": 0.5},
+                   named_parameters=model.named_parameters())
+    assert opt.current_drop_rates()[-2:] == [0.5, 0.5]
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), params={model.decoder.bias: 0.25})
+    assert opt.current_drop_rates() == [0.0] * 5 + [0.25, 0.0, 0.0]
+
+
+def test_param_group_drop_rate_and_precedence():
+    model = EncDec()
+    opt = DropGrad(
+        torch.optim.SGD(
+            [{"params": model.encoder.parameters(), "drop_rate": 0.3},
+             {"params": model.decoder.parameters()},
+             {"params": model.head.parameters(), "drop_rate": None}],
+            lr=0.0,
+        ),
+        drop_rate=0.1,
+        params={model.encoder[0].bias: 0.6},
+    )
+    assert opt.current_drop_rates() == [0.3, 0.6, 0.3, 0.3, 0.1, 0.1, 0.0, 0.0]
+
+
+def test_callable_rate_and_group_callable():
+    model = EncDec()
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), drop_rate=lambda step: min(0.1 * step, 0.5), seed=0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert opt.current_drop_rates()[0] == 0.0
+    opt.step()
+    assert opt.current_drop_rates()[0] == 0.1
+    bad = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), drop_rate=lambda step: 1.5)
+    with pytest.raises(ValueError, match=r"drop rate from .* at step 0 must be in \[0, 1\], got 1.5"):
+        bad.step()
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(), ValueError, "drop_rate or params"),
+        (dict(drop_rate=-0.1), ValueError, r"drop_rate must be in \[0, 1\], got -0.1"),
+        (dict(drop_rate=1.5), ValueError, r"drop_rate must be in \[0, 1\], got 1.5"),
+        (dict(drop_rate=float("nan")), ValueError, r"drop_rate must be in \[0, 1\], got nan"),
+        (dict(drop_rate="0.1"), TypeError, r"drop_rate must be a real number.*'0.1'.*str"),
+        (dict(drop_rate=True), TypeError, r"drop_rate must be a real number.*True"),
+        (dict(drop_rate=0.1, full_update_drop=2.0), ValueError, r"full_update_drop must be in \[0, 1\], got 2.0"),
+        (dict(params={"encoder": 0.1}, full_update_drop=True), ValueError, "full_update_drop=True.*drop_rate is None"),
+        (dict(drop_rate=0.1, seed="x"), TypeError, "seed must be an int"),
+        (dict(drop_rate=0.1, rescale=1), TypeError, "rescale must be a bool"),
+        (dict(drop_rate=0.1, impl="cuda"), ValueError, "impl must be"),
+        (dict(params={"encoderr": 0.1}), ValueError, r"params keys \['encoderr'\] match no parameter"),
+        (dict(params={"encoder": 1.1}), ValueError, r"params\['encoder'\] must be in \[0, 1\], got 1.1"),
+        (dict(params={3: 0.1}), TypeError, "params keys must be parameters or parameter names"),
+        (dict(params=[0.1]), TypeError, "params must be a dict"),
+        (dict(params={"encoder.0.*": 0.1, "*der.0.bias": 0.2}), ValueError, "equally specifically"),
+        (dict(drop_rate=0.1, bogus=1), TypeError, "bogus"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, exc, pattern):
+    model = EncDec()
+    with pytest.raises(exc, match=pattern):
+        DropGrad(torch.optim.SGD(model.named_parameters(), lr=0.1), **kwargs)
+
+
+def test_bad_optimizer_and_unresolvable_names():
+    model = EncDec()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got Sequential"):
+        DropGrad(torch.nn.Sequential(), drop_rate=0.1)
+    inner = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1)
+    with pytest.raises(TypeError, match="already a DropGrad"):
+        DropGrad(inner, drop_rate=0.1)
+    with pytest.raises(ValueError, match="names cannot be resolved.*named_parameters"):
+        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), params={"encoder": 0.1})
+    with pytest.raises(ValueError, match="does not optimize"):
+        DropGrad(torch.optim.SGD(model.encoder.parameters(), lr=0.1), params={model.head.weight: 0.1})
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1)
+    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\], got 2"):
+        opt.drop_rate = 2
+
+
+# ---------------------------------------------------------------- full update drop
+def test_skipped_step_leaves_everything_untouched_and_runs_closure():
+    model = _linear()
+    base = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt = DropGrad(base, drop_rate=0.1, full_update_drop=1.0, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = model(torch.randn(3, 50)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [1] and isinstance(loss, torch.Tensor)
+    assert opt.last_step_skipped is True
+    assert len(base.state) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.step_count == 1  # a skipped step is still a step
+
+
+def test_full_update_drop_true_uses_drop_rate_and_is_independent_of_element_masks():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = DropGrad(torch.optim.SGD([w], lr=1.0), drop_rate=0.5, full_update_drop=True, seed=4)
+    assert opt.full_update_drop is True
+    skipped = 0
+    for _ in range(2000):
+        w.grad = torch.ones(1)
+        opt.step()
+        skipped += opt.last_step_skipped
+    assert abs(skipped - 1000) < 6 * math.sqrt(2000 * 0.25)
+    opt = DropGrad(torch.optim.SGD([w], lr=1.0), drop_rate=0.5, seed=4)
+    w.grad = torch.ones(1)
+    opt.step()
+    assert opt.last_step_skipped is False
+
+
+# ---------------------------------------------------------------- seeds and RNG
+def _one_step_grad(seed, **kw):
+    p = torch.nn.Parameter(torch.zeros(10_000))
+    _, seen = _grads_seen(None, [p], [torch.ones(10_000)], drop_rate=0.5, seed=seed, **kw)
+    return seen[p]
+
+
+def test_same_seed_same_masks_other_seed_other_masks():
+    assert torch.equal(_one_step_grad(1), _one_step_grad(1))
+    assert not torch.equal(_one_step_grad(1), _one_step_grad(2))
+
+
+def test_masks_never_touch_the_global_rng():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = DropGrad(torch.optim.SGD([p], lr=0.1), drop_rate=0.5, seed=1)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    after = torch.rand(5)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(5))
+
+
+def test_unseeded_runs_are_reproducible_with_manual_seed():
+    def run():
+        torch.manual_seed(42)
+        p = torch.nn.Parameter(torch.zeros(1000))
+        opt = DropGrad(torch.optim.SGD([p], lr=0.1), drop_rate=0.5)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return p.detach().clone(), opt.seed
+
+    (a, sa), (b, sb) = run(), run()
+    assert sa == sb and torch.equal(a, b)
+    torch.manual_seed(43)
+    assert DropGrad(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), drop_rate=0.5).seed != sa
+
+
+# ---------------------------------------------------------------- closures
+def test_lbfgs_masks_every_closure_evaluation():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5000))
+    evaluations = []
+
+    class SpyLBFGS(torch.optim.LBFGS):
+        pass
+
+    opt = DropGrad(SpyLBFGS([w], lr=0.1, max_iter=4), drop_rate=0.5, seed=9)
+
+    def closure():
+        if evaluations:  # the previous evaluation's gradient had been masked inside step()
+            evaluations[-1]["masked"] = w.grad.clone()
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        evaluations.append({"raw": w.grad.clone()})
+        return loss
+
+    opt.step(closure)
+    assert len(evaluations) >= 3
+    masks_seen = []
+    for e in evaluations[:-1]:
+        kept = e["masked"] != 0
+        assert 0.45 < kept.float().mean().item() < 0.55
+        torch.testing.assert_close(e["masked"][kept], e["raw"][kept] * 2.0)
+        masks_seen.append(kept)
+    assert not torch.equal(masks_seen[0], masks_seen[1])  # fresh masks per evaluation
+
+
+def test_sgd_with_closure_masks_once():
+    w = torch.nn.Parameter(torch.ones(10_000))
+    opt = DropGrad(torch.optim.SGD([w], lr=1.0), drop_rate=0.5, seed=2)
+
+    def closure():
+        opt.zero_grad()
+        w.sum().backward()
+        return torch.tensor(0.0)
+
+    opt.step(closure)
+    moved = (w != 1.0)
+    assert 0.45 < moved.float().mean().item() < 0.55
+    assert torch.equal(w[moved], torch.full_like(w[moved], -1.0))  # 1 - lr * 2
+
+
+# ---------------------------------------------------------------- gradient kinds
+def test_none_empty_noncontiguous_sparse_complex_and_dtypes():
+    dense = torch.nn.Parameter(torch.zeros(300, 200))
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    none = torch.nn.Parameter(torch.zeros(5))
+    cplx = torch.nn.Parameter(torch.zeros(20_000, dtype=torch.complex64))
+    half = torch.nn.Parameter(torch.zeros(20_000, dtype=torch.float16))
+    bf = torch.nn.Parameter(torch.zeros(20_000, dtype=torch.bfloat16))
+    dbl = torch.nn.Parameter(torch.zeros(20_000, dtype=torch.float64))
+    params = [dense, empty, none, cplx, half, bf, dbl]
+    noncontig = torch.ones(200, 300).t()
+    grads = [noncontig, torch.zeros(0, 3), None, torch.full((20_000,), 1 + 1j, dtype=torch.complex64),
+             torch.ones(20_000, dtype=torch.float16), torch.ones(20_000, dtype=torch.bfloat16),
+             torch.ones(20_000, dtype=torch.float64)]
+    _, seen = _grads_seen(None, params, grads, drop_rate=0.25, seed=0)
+    assert seen[none] is None and seen[empty].numel() == 0
+    for p in [dense, half, bf, dbl]:
+        g = seen[p]
+        assert abs(_drop_fraction(g) - 0.25) < 0.02
+        assert set(g.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75, dtype=g.dtype))}
+    c = torch.view_as_real(seen[cplx])
+    assert abs(_drop_fraction(c[:, 0]) - 0.25) < 0.02
+    assert torch.equal(c[:, 0], c[:, 1])  # a complex element is kept or dropped whole
+    assert set(c.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75))}
+    # the mask follows logical (row-major) element order, whatever the layout
+    _, seen2 = _grads_seen(None, [dense], [noncontig.contiguous()], drop_rate=0.25, seed=0)
+    assert torch.equal(seen[dense], seen2[dense])
+
+
+def test_sparse_embedding_gradients_are_masked_on_their_values():
+    emb = torch.nn.Embedding(1000, 16, sparse=True)
+    opt = DropGrad(torch.optim.SparseAdam(emb.parameters(), lr=0.1), drop_rate=0.5, seed=0)
+    seen = {}
+    opt.optimizer.register_step_pre_hook(lambda o, a, k: seen.update(g=emb.weight.grad.coalesce()))
+    emb(torch.arange(500)).sum().backward()
+    opt.step()
+    values = seen["g"].values()
+    assert values.numel() == 500 * 16
+    assert abs(_drop_fraction(values) - 0.5) < 0.03
+    assert set(values.unique().tolist()) == {0.0, 2.0}
+
+
+# ---------------------------------------------------------------- checkpoints
+def _save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_state_dict_is_weights_only_loadable_and_holds_dropgrad_state():
+    model = EncDec()
+    opt = DropGrad(torch.optim.Adam(model.named_parameters(), lr=1e-3), drop_rate=lambda s: 0.1,
+                   params={"encoder": 0.3}, full_update_drop=0.2, seed=5)
+    opt.step()
+    sd = _save_load(opt.state_dict())
+    ours = sd["dropgrad"]
+    assert ours["seed"] == 5 and ours["step"] == 1
+    assert ours["drop_rate"] == "<live function>"
+    assert set(ours["param_rates"].values()) == {0.3}
+    # the checkpoint also loads into the bare optimizer
+    torch.optim.Adam(EncDec().named_parameters(), lr=1e-3).load_state_dict(sd)
+
+
+def test_loading_restores_rates_and_relinks_schedulers():
+    model = EncDec()
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.2, seed=1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sd = _save_load(opt.state_dict())
+    opt.load_state_dict(sd)
+    opt.step()
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == 0.5  # the scheduler still drives the live groups
+    opt.drop_rate = 0.4
+    opt.load_state_dict(sd)
+    assert opt.drop_rate == 0.2
+
+
+def test_callable_rates_come_back_from_the_live_object():
+    model = EncDec()
+    f = lambda s: 0.3  # noqa: E731
+    opt = DropGrad(torch.optim.SGD([{"params": model.parameters(), "drop_rate": f}], lr=1.0), drop_rate=f, seed=1)
+    sd = _save_load(opt.state_dict())
+    assert sd["param_groups"][0]["drop_rate"] == "<live function>"
+    g = lambda s: 0.1  # noqa: E731
+    opt2 = DropGrad(torch.optim.SGD([{"params": model.parameters(), "drop_rate": g}], lr=1.0), drop_rate=g)
+    opt2.load_state_dict(sd)
+    assert opt2.drop_rate is g and opt2.param_groups[0]["drop_rate"] is g
+    opt3 = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.1)
+    with pytest.raises(ValueError, match="was a schedule/callable"):
+        opt3.load_state_dict(sd)
+
+
+def test_plain_optimizer_state_dict_loads_with_warning():
+    model = _linear()
+    bare = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 50)).sum().backward()
+    bare.step()
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-3), drop_rate=0.1, seed=3)
+    with pytest.warns(UserWarning, match="no DropGrad state"):
+        opt.load_state_dict(bare.state_dict())
+    assert opt.step_count == 0 and opt.seed == 3
+    assert int(opt.state[model.weight]["step"]) == 1
+
+
+def test_corrupt_dropgrad_state_is_rejected():
+    opt = DropGrad(torch.optim.SGD(_linear().parameters(), lr=0.1), drop_rate=0.1)
+    sd = opt.state_dict()
+    sd["dropgrad"] = {"seed": 1}
+    with pytest.raises(ValueError, match="not a DropGrad state"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["dropgrad"]["format"] = 99
+    with pytest.raises(ValueError, match="newer than this dropgrad"):
+        opt.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------- schedulers and AMP
+@pytest.mark.parametrize("on_wrapper", [True, False])
+def test_lr_scheduler_on_either_object_without_order_warning(on_wrapper):
+    model = _linear()
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=1.0), drop_rate=0.5, full_update_drop=0.5, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt if on_wrapper else opt.optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model(torch.randn(2, 50)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == 0.125
+
+
+def test_grad_scaler_with_fused_base_steps_on_unscaled_gradients():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(1000))
+    ref = torch.nn.Parameter(torch.ones(1000))
+    opt = DropGrad(torch.optim.SGD([w], lr=0.1, fused=True), drop_rate=0.5, seed=0)
+    ref_opt = DropGrad(torch.optim.SGD([ref], lr=0.1), drop_rate=0.5, seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(w.sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    ref.sum().backward()
+    ref_opt.step()
+    assert torch.equal(w, ref)
