@@ -18,7 +18,7 @@ def _linear(seed=0):
     return torch.nn.Linear(50, 40)
 
 
-def _grads_seen(opt_factory, params, grads, **wrap):
+def _grads_seen(params, grads, **wrap):
     """Gradients the wrapped optimizer sees for one step, given raw gradients."""
     seen = {}
 
@@ -29,7 +29,7 @@ def _grads_seen(opt_factory, params, grads, **wrap):
                     seen[p] = None if p.grad is None else p.grad.clone()
             return super().step(closure)
 
-    opt = DropGrad(Spy(opt_factory(params), lr=0.0), **wrap) if opt_factory else DropGrad(Spy(params, lr=0.0), **wrap)
+    opt = DropGrad(Spy(params, lr=0.0), **wrap)
     for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads):
         p.grad = None if g is None else g.clone()
     opt.step()
@@ -114,14 +114,14 @@ def test_pickle_and_deepcopy_keep_working():
 # ---------------------------------------------------------------- rates
 def test_rate_one_zeros_gradients_without_nan():
     p = torch.nn.Parameter(torch.ones(1000))
-    opt, seen = _grads_seen(None, [p], [torch.randn(1000)], drop_rate=1.0, seed=0)
+    opt, seen = _grads_seen([p], [torch.randn(1000)], drop_rate=1.0, seed=0)
     assert torch.equal(seen[p], torch.zeros(1000))
 
 
 def test_rescale_false_keeps_survivors_unscaled():
     p = torch.nn.Parameter(torch.ones(10_000))
     g = torch.randn(10_000)
-    _, seen = _grads_seen(None, [p], [g], drop_rate=0.5, rescale=False, seed=0)
+    _, seen = _grads_seen([p], [g], drop_rate=0.5, rescale=False, seed=0)
     kept = seen[p] != 0
     assert torch.equal(seen[p][kept], g[kept])
     assert 0.45 < kept.float().mean().item() < 0.55
@@ -131,7 +131,7 @@ def test_nan_and_inf_stay_non_finite():
     p = torch.nn.Parameter(torch.ones(4000))
     g = torch.full((4000,), float("nan"))
     g[::2] = float("inf")
-    _, seen = _grads_seen(None, [p], [g], drop_rate=0.5, seed=0)
+    _, seen = _grads_seen([p], [g], drop_rate=0.5, seed=0)
     assert not torch.isfinite(seen[p]).any()
 
 
@@ -294,7 +294,7 @@ def test_full_update_drop_true_uses_drop_rate_and_is_independent_of_element_mask
 # ---------------------------------------------------------------- seeds and RNG
 def _one_step_grad(seed, **kw):
     p = torch.nn.Parameter(torch.zeros(10_000))
-    _, seen = _grads_seen(None, [p], [torch.ones(10_000)], drop_rate=0.5, seed=seed, **kw)
+    _, seen = _grads_seen([p], [torch.ones(10_000)], drop_rate=0.5, seed=seed, **kw)
     return seen[p]
 
 
@@ -390,7 +390,7 @@ def test_none_empty_noncontiguous_sparse_complex_and_dtypes():
     grads = [noncontig, torch.zeros(0, 3), None, torch.full((20_000,), 1 + 1j, dtype=torch.complex64),
              torch.ones(20_000, dtype=torch.float16), torch.ones(20_000, dtype=torch.bfloat16),
              torch.ones(20_000, dtype=torch.float64)]
-    _, seen = _grads_seen(None, params, grads, drop_rate=0.25, seed=0)
+    _, seen = _grads_seen(params, grads, drop_rate=0.25, seed=0)
     assert seen[none] is None and seen[empty].numel() == 0
     for p in [dense, half, bf, dbl]:
         g = seen[p]
@@ -401,7 +401,7 @@ def test_none_empty_noncontiguous_sparse_complex_and_dtypes():
     assert torch.equal(c[:, 0], c[:, 1])  # a complex element is kept or dropped whole
     assert set(c.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75))}
     # the mask follows logical (row-major) element order, whatever the layout
-    _, seen2 = _grads_seen(None, [dense], [noncontig.contiguous()], drop_rate=0.25, seed=0)
+    _, seen2 = _grads_seen([dense], [noncontig.contiguous()], drop_rate=0.25, seed=0)
     assert torch.equal(seen[dense], seen2[dense])
 
 
