@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as _distributed
 from . import masks as _masks
 from .functional import _scale_for, _seed_from_generator, apply_masks_, check_rate
 from .rates import (
@@ -57,7 +58,9 @@ class DropGrad(torch.optim.Optimizer):
             ``[0, 1]`` or a schedule); ``True`` means "with probability
             ``drop_rate``", ``False`` never skips.
         seed: seed of the masks (and of the full-update coin). Without one, a
-            seed is drawn once from torch's global RNG here, at construction.
+            seed is drawn once from torch's global RNG here, at construction,
+            and inside an initialized process group the first ``step()``
+            replaces it by rank 0's (see :mod:`dropgrad.distributed`).
         rescale: multiply survivors by ``1/(1-p)`` (default ``True``).
         model: a module to take parameter names from (for name keys in ``params``).
         named_parameters: ``(name, parameter)`` pairs to take names from.
@@ -132,6 +135,12 @@ class DropGrad(torch.optim.Optimizer):
             raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
         self.impl = impl
 
+        # an explicit seed is the same on every rank on the user's word; a drawn one
+        # is agreed across the process group at the first step (dropgrad.distributed)
+        self._seed_agreed = seed is not None
+        # id(param) -> step count for gradients a DDP comm hook already masked (without
+        # the 1/(1-p) factor) for that step: dropgrad.distributed.masked_allreduce_hook
+        self._premasked: dict[int, int] = {}
         if seed is None:
             seed = _seed_from_generator(None)
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -192,6 +201,8 @@ class DropGrad(torch.optim.Optimizer):
         # Optimizer.__setstate__ would write param_groups/state into __dict__,
         # shadowed by our properties; restore our own attributes instead.
         self.__dict__.update(state)
+        self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
+        self.__dict__.setdefault("_premasked", {})
         self._init_hook_dicts()
         self._patch_step_function()
 
@@ -265,21 +276,37 @@ class DropGrad(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def _mask_gradients(self, plan: list[tuple[int, torch.Tensor, float]], evaluation: int) -> None:
-        grads, keys, thresholds, scales = [], [], [], []
+        grads, keys, thresholds, scales, offsets = [], [], [], [], []
+        owned = _distributed._zero_owned_param_ids(self.optimizer)  # None: every parameter
         for index, p, rate in plan:
             g = p.grad
             if g is None or rate == 0.0:
                 continue
+            if owned is not None and id(p) not in owned:
+                continue  # ZeroRedundancyOptimizer: another rank steps p and broadcasts it
             if g.is_sparse:
                 g = g._values()
-            if g.numel() == 0:
-                continue
-            grads.append(g)
-            keys.append(_masks.derive_key(self.seed, self._step_count, index, _masks.MASKS_STREAM + evaluation))
-            thresholds.append(_masks.keep_threshold(rate))
-            scales.append(_scale_for(rate, self.rescale))
+            key = _masks.derive_key(self.seed, self._step_count, index, _masks.MASKS_STREAM + evaluation)
+            threshold = _masks.keep_threshold(rate)
+            if self._premasked and self._premasked.get(id(p)) == self._step_count:
+                if evaluation:
+                    raise RuntimeError(
+                        "step(closure) evaluated the closure more than once (e.g. LBFGS), but the gradients "
+                        "come from dropgrad.distributed.masked_allreduce_hook, which can only draw the first "
+                        "evaluation's masks; use DDP's default all-reduce with this optimizer"
+                    )
+                threshold = _TWO32  # the hook applied this step's mask; only the factor is left
+            # a DTensor gradient (FSDP2) is masked shard by shard, at its offset in the full parameter
+            for piece, offset in (_distributed.local_shards(g) if type(g) is not torch.Tensor else ((g, 0),)):
+                if piece.numel() == 0:
+                    continue
+                grads.append(piece)
+                keys.append(key)
+                thresholds.append(threshold)
+                scales.append(_scale_for(rate, self.rescale))
+                offsets.append(offset)
         if grads:
-            apply_masks_(grads, keys, thresholds, scales, impl=self.impl)
+            apply_masks_(grads, keys, thresholds, scales, offsets, impl=self.impl)
 
     def _skip_this_step(self, cache: dict[int, float]) -> bool:
         fud = self._drop_rate if self._full_update_drop == "drop_rate" else self._full_update_drop
@@ -297,6 +324,8 @@ class DropGrad(torch.optim.Optimizer):
         A step skipped by full update drop still evaluates the closure and
         returns its loss, but leaves parameters and optimizer state untouched.
         """
+        if not self._seed_agreed:
+            _distributed._agree_seed_if_distributed(self)
         cache: dict[int, float] = {}
         plan = self._plan(cache)
         skip = self._skip_this_step(cache)
@@ -347,6 +376,7 @@ class DropGrad(torch.optim.Optimizer):
         return {
             "format": _STATE_FORMAT,
             "seed": self.seed,
+            "seed_agreed": self._seed_agreed,
             "step": self._step_count,
             "last_step_skipped": self.last_step_skipped,
             "rescale": self.rescale,
@@ -411,6 +441,8 @@ class DropGrad(torch.optim.Optimizer):
             )
         else:
             self.seed = int(ours["seed"])
+            # missing (an older checkpoint): agree again at the next step, a no-op if ranks already agree
+            self._seed_agreed = bool(ours.get("seed_agreed", False))
             self._step_count = int(ours["step"])
             self.last_step_skipped = bool(ours["last_step_skipped"])
             self.rescale = bool(ours["rescale"])
