@@ -861,7 +861,9 @@ class AdaptiveDropRateScheduler:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
         if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a dict from AdaptiveDropRateScheduler.state_dict(), got {state_dict!r}")
+            raise TypeError(
+                f"state_dict must be a dict from AdaptiveDropRateScheduler.state_dict(), got {state_dict!r}"
+            )
         missing = [k for k in _ADAPTIVE_STATE_KEYS if k not in state_dict]
         if missing:
             raise ValueError(
