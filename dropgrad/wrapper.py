@@ -115,8 +115,10 @@ class DropGrad(torch.optim.Optimizer):
                     stacklevel=2,
                 )
             drop_rate = drop_rate_scheduler
-        if drop_rate is None and params is None:
-            raise ValueError("DropGrad needs drop_rate or params (or both); got neither")
+        if drop_rate is None and params is None and not any("drop_rate" in g for g in optimizer.param_groups):
+            raise ValueError(
+                "DropGrad needs drop_rate or params (or a 'drop_rate' key in a param group); got none of them"
+            )
         self._drop_rate = validate_rate(drop_rate, "drop_rate", allow_none=True)
 
         if full_update_drop is True:

@@ -194,6 +194,13 @@ def test_param_group_drop_rate_and_precedence():
     assert opt.current_drop_rates() == [0.3, 0.6, 0.3, 0.3, 0.1, 0.1, 0.0, 0.0]
 
 
+def test_group_rates_alone_are_enough():
+    model = EncDec()
+    opt = DropGrad(torch.optim.SGD([{"params": model.encoder.parameters(), "drop_rate": 0.2},
+                                    {"params": model.decoder.parameters()}], lr=0.0))
+    assert opt.current_drop_rates() == [0.2] * 4 + [0.0, 0.0]
+
+
 def test_callable_rate_and_group_callable():
     model = EncDec()
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), drop_rate=lambda step: min(0.1 * step, 0.5), seed=0)
