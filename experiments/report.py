@@ -1,0 +1,514 @@
+"""Tables, statistics, plots and the Markdown report, all computed from results files.
+
+For every group of a suite: each setting's test metric at the best-validation
+epoch (early stopping) and at the final epoch, as mean +- sample std over
+seeds, with a two-sided paired t-test against the group's baseline (pairs
+share the seed, hence the data order, initialization and subset) and the
+Holm-Bonferroni adjusted p-value over the settings of that group.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import RunConfig, run_id
+from .results import Run, load_runs
+
+__all__ = ["GroupStats", "collect", "console_tables", "write_report", "holm", "paired_test"]
+
+
+def paired_test(a: list[float], b: list[float]) -> float:
+    """Two-sided paired t-test p-value of ``a`` vs ``b`` (nan with fewer than 2 pairs or zero spread)."""
+    from scipy import stats
+
+    if len(a) < 2:
+        return float("nan")
+    d = np.asarray(a) - np.asarray(b)
+    if np.allclose(d, d[0]):
+        return 1.0 if d[0] == 0 else float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def holm(pvals: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (nan entries stay nan and are not counted)."""
+    idx = [i for i, p in enumerate(pvals) if not math.isnan(p)]
+    m = len(idx)
+    out = [float("nan")] * len(pvals)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvals[i])):
+        running = max(running, min(1.0, (m - rank) * pvals[i]))
+        out[i] = running
+    return out
+
+
+@dataclass
+class Setting:
+    name: str
+    configs: list[RunConfig]
+    runs: dict[int, Run] = field(default_factory=dict)  # seed -> run
+
+    def values(self, key: str) -> dict[int, float]:
+        return {s: r.summary[key] for s, r in self.runs.items() if key in r.summary}
+
+
+@dataclass
+class GroupStats:
+    suite: str
+    group: str
+    baseline: str
+    metric: str  # "acc" or "ppl"
+    higher: bool
+    settings: "OrderedDict[str, Setting]"
+
+    @property
+    def expected(self) -> int:
+        return sum(len(s.configs) for s in self.settings.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(len(s.runs) for s in self.settings.values())
+
+    def rows(self, when: str = "best") -> list[dict]:
+        """One dict per setting: n, mean, std, delta vs baseline, p, Holm-adjusted p."""
+        key = f"test_{self.metric}_{when}"
+        base = self.settings.get(self.baseline)
+        bvals = base.values(key) if base else {}
+        rows = []
+        for s in self.settings.values():
+            v = s.values(key)
+            xs = [_scale(x, self.metric) for x in v.values()]
+            row = {"setting": s.name, "n": len(xs), "expected": len(s.configs)}
+            row["mean"] = float(np.mean(xs)) if xs else float("nan")
+            row["std"] = float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+            seeds = sorted(set(v) & set(bvals))
+            if s.name != self.baseline and seeds:
+                a = [_scale(v[k], self.metric) for k in seeds]
+                b = [_scale(bvals[k], self.metric) for k in seeds]
+                row["delta"] = float(np.mean(a) - np.mean(b))
+                row["pairs"] = len(seeds)
+                row["p"] = paired_test(a, b)
+            else:
+                row["delta"], row["pairs"], row["p"] = float("nan"), 0, float("nan")
+            rows.append(row)
+        adj = holm([r["p"] for r in rows])
+        for r, a in zip(rows, adj):
+            r["p_holm"] = a
+        return rows
+
+
+def _scale(x: float, metric: str) -> float:
+    return 100.0 * x if metric == "acc" else x  # accuracies in percent
+
+
+def collect(configs: list[RunConfig], runs: dict[str, Run]) -> list[GroupStats]:
+    from .train import primary_metric
+
+    groups: OrderedDict[tuple[str, str], GroupStats] = OrderedDict()
+    for c in configs:
+        key = (c.suite, c.group)
+        if key not in groups:
+            metric, higher = primary_metric(c)
+            groups[key] = GroupStats(c.suite, c.group, c.baseline, metric, higher, OrderedDict())
+        g = groups[key]
+        s = g.settings.setdefault(c.name, Setting(c.name, []))
+        s.configs.append(c)
+        r = runs.get(run_id(c))
+        if r is not None:
+            s.runs[c.seed] = r
+    return list(groups.values())
+
+
+def _load(results_dir: str) -> dict[str, Run]:
+    return {r.id: r for r in load_runs(sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))))}
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _unit(g: GroupStats) -> str:
+    return "test acc %" if g.metric == "acc" else "test ppl"
+
+
+def _table(g: GroupStats, markdown: bool) -> str:
+    best, final = g.rows("best"), g.rows("final")
+    head = [
+        "setting", "n", f"{_unit(g)} (best val)", "Δ", "p", "p Holm", f"{_unit(g)} (final)", "Δ", "p", "p Holm",
+    ]
+    lines = []
+    for b, f in zip(best, final):
+        n = f"{b['n']}" if b["n"] == b["expected"] else f"{b['n']}/{b['expected']}"
+        lines.append(
+            [
+                b["setting"] + (" (baseline)" if b["setting"] == g.baseline else ""),
+                n,
+                f"{_fmt(b['mean'])} ± {_fmt(b['std'])}",
+                _signed(b["delta"]),
+                _fmt_p(b["p"]),
+                _fmt_p(b["p_holm"]),
+                f"{_fmt(f['mean'])} ± {_fmt(f['std'])}",
+                _signed(f["delta"]),
+                _fmt_p(f["p"]),
+                _fmt_p(f["p_holm"]),
+            ]
+        )
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.2f}"
+
+
+def console_tables(configs: list[RunConfig], results_dir: str) -> str:
+    """Plain-text tables of the given runs (what ``python -m experiments quick`` prints)."""
+    groups = collect(configs, _load(results_dir))
+    out = []
+    for g in groups:
+        better = "higher" if g.higher else "lower"
+        out.append(f"\n[{g.suite}] {g.group}: {_unit(g)} ({better} is better), mean ± std over seeds; "
+                   f"Δ and paired t-test vs '{g.baseline}'")
+        out.append(_table(g, markdown=False))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _curves(g: GroupStats, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    val_key = f"val_{g.metric}"
+    any_data = False
+    for i, s in enumerate(g.settings.values()):
+        if not s.runs:
+            continue
+        n_ep = min(len(r.epochs) for r in s.runs.values())
+        if n_ep == 0:
+            continue
+        any_data = True
+        ep = np.arange(1, n_ep + 1)
+        color = f"C{i % 10}"
+        for ax, key, style in ((axes[0], "train_loss", "-"), (axes[0], "val_loss", "--"), (axes[1], val_key, "-")):
+            ys = np.array([[e[key] for e in r.epochs[:n_ep]] for r in s.runs.values()])
+            if key == val_key:
+                ys = np.vectorize(lambda x: _scale(x, g.metric))(ys)
+            m = ys.mean(0)
+            label = s.name if (ax is axes[1] or key == "train_loss") else None
+            ax.plot(ep, m, style, color=color, label=label, lw=1.4)
+            if len(ys) > 1 and ax is axes[1]:
+                sd = ys.std(0, ddof=1)
+                ax.fill_between(ep, m - sd, m + sd, color=color, alpha=0.12)
+    if not any_data:
+        plt.close(fig)
+        return None
+    axes[0].set_title("loss: train (solid), validation (dashed)")
+    axes[0].set_xlabel("epoch")
+    axes[1].set_title("validation " + ("accuracy %" if g.metric == "acc" else "perplexity") + " (mean ± std)")
+    axes[1].set_xlabel("epoch")
+    if g.metric == "ppl":
+        axes[0].set_yscale("log")
+        axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{g.group}: learning curves", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(g: GroupStats, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_b, rows_f = g.rows("best"), g.rows("final")
+    rows_b = [r for r in rows_b if r["n"]]
+    if not rows_b:
+        return None
+    names = [r["setting"] for r in rows_b]
+    final = {r["setting"]: r for r in rows_f}
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.6))
+    ax.errorbar(x - 0.1, [r["mean"] for r in rows_b], yerr=[0 if math.isnan(r["std"]) else r["std"] for r in rows_b], fmt="o", capsize=3, label="best-val epoch")
+    ax.errorbar(x + 0.1, [final[n]["mean"] for n in names], yerr=[0 if math.isnan(final[n]["std"]) else final[n]["std"] for n in names], fmt="s", capsize=3, label="final epoch", alpha=0.7)
+    base = next((r for r in rows_b if r["setting"] == g.baseline), None)
+    if base is not None:
+        ax.axhline(base["mean"], color="gray", lw=0.8, ls=":")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(_unit(g) + " (mean ± std)")
+    ax.set_title(g.group, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _vs_rate(g: GroupStats, path: str) -> str | None:
+    """Test metric against the (constant, global) drop rate, when a group varies only that."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts: dict[float, dict[str, list[float]]] = {}
+    for s in g.settings.values():
+        c = s.configs[0]
+        if c.schedule != "constant" or c.layer_rates or c.full_update_drop or c.grad_noise or c.lr_scale != 1.0:
+            continue
+        for when in ("best", "final"):
+            vals = [_scale(v, g.metric) for v in s.values(f"test_{g.metric}_{when}").values()]
+            if vals:
+                pts.setdefault(c.drop_rate, {}).setdefault(when, []).extend(vals)
+    if len(pts) < 3:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for when, mk in (("best", "o-"), ("final", "s--")):
+        ps = sorted(p for p in pts if when in pts[p])
+        m = [np.mean(pts[p][when]) for p in ps]
+        sd = [np.std(pts[p][when], ddof=1) if len(pts[p][when]) > 1 else 0 for p in ps]
+        ax.errorbar(ps, m, yerr=sd, fmt=mk, capsize=3, label="best-val epoch" if when == "best" else "final epoch")
+    ax.set_xlabel("drop rate p")
+    ax.set_ylabel(_unit(g) + " (mean ± std)")
+    ax.set_title(f"{g.group}: metric vs drop rate", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _robust(g: GroupStats, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if g.metric != "acc":
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    drawn = False
+    for i, s in enumerate(g.settings.values()):
+        if not s.runs:
+            continue
+        sigmas = sorted(s.configs[0].input_noise)
+        if not sigmas:
+            continue
+        xs, ms, sds = [0.0], [], []
+        clean = [100 * v for v in s.values("test_acc_best").values()]
+        ms.append(np.mean(clean))
+        sds.append(np.std(clean, ddof=1) if len(clean) > 1 else 0)
+        for sg in sigmas:
+            v = [100 * x for x in s.values(f"robust_acc_{sg:g}_best").values()]
+            if v:
+                xs.append(sg)
+                ms.append(np.mean(v))
+                sds.append(np.std(v, ddof=1) if len(v) > 1 else 0)
+        ax.errorbar(np.array(xs) + 0.003 * i, ms, yerr=sds, fmt="o-", ms=3, capsize=2, label=s.name, lw=1)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("Gaussian input noise std (pixels in [0, 1])")
+    ax.set_ylabel("test accuracy % (best-val model)")
+    ax.set_title(f"{g.group}: robustness", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _robust_table(g: GroupStats) -> str:
+    sigmas = sorted({sg for s in g.settings.values() for sg in s.configs[0].input_noise})
+    if g.metric != "acc" or not sigmas:
+        return ""
+    head = ["setting"] + [f"σ={sg:g}" for sg in sigmas]
+    rows = ["| " + " | ".join(head) + " |", "|---" + "|--:" * len(sigmas) + "|"]
+    base = g.settings.get(g.baseline)
+    pvals, cells = [], []
+    for s in g.settings.values():
+        row = [s.name]
+        for sg in sigmas:
+            key = f"robust_acc_{sg:g}_best"
+            v = s.values(key)
+            xs = [100 * x for x in v.values()]
+            txt = f"{_fmt(np.mean(xs)) if xs else '–'} ± {_fmt(np.std(xs, ddof=1)) if len(xs) > 1 else '–'}"
+            if base is not None and s.name != g.baseline:
+                bv = base.values(key)
+                seeds = sorted(set(v) & set(bv))
+                p = paired_test([v[k] for k in seeds], [bv[k] for k in seeds]) if seeds else float("nan")
+                pvals.append(p)
+                cells.append((len(rows) + len(cells), len(row)))
+                txt += f" (p {_fmt_p(p)})"
+            row.append(txt)
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------ findings and the document
+
+
+def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
+    """Sentences generated from the numbers: which settings differ from the baseline, and how reliably."""
+    out = []
+    unit = "points" if g.metric == "acc" else "perplexity"
+    for when, label in (("best", "early-stopped"), ("final", "final-epoch")):
+        for r in g.rows(when):
+            if r["setting"] == g.baseline or not r["pairs"]:
+                continue
+            good = (r["delta"] > 0) == g.higher
+            if not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
+                verdict = "significantly " + ("better" if good else "worse")
+            elif not math.isnan(r["p"]) and r["p"] < alpha:
+                verdict = ("better" if good else "worse") + " before, but not after, the Holm correction"
+            else:
+                verdict = "no significant difference"
+            if when == "final" and "no significant" in verdict:
+                continue  # keep the list short: final-epoch entries only when something happens
+            out.append(
+                f"{label} `{r['setting']}`: {_signed(r['delta'])} {unit} vs `{g.baseline}` "
+                f"(n={r['pairs']} pairs, p={_fmt_p(r['p'])}, Holm p={_fmt_p(r['p_holm'])}): {verdict}"
+            )
+    return out
+
+
+def _reproduce(g: GroupStats, suite: str) -> str:
+    return f"python -m experiments suite {suite} --group '{g.group}' --results-dir experiments/results"
+
+
+def write_report(results_dir: str, out: str, figures: str | None = None, suites: list[str] | None = None) -> str:
+    """Write the Markdown report (and PNGs) for the published suites from ``results_dir``."""
+    from .suites import DESCRIPTIONS, PUBLISHED, get_suite
+
+    suites = list(suites or PUBLISHED)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    figures = figures or os.path.join(out_dir, "figures", "results")
+    os.makedirs(figures, exist_ok=True)
+    runs = _load(results_dir)
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+
+    envs = {}
+    for r in runs.values():
+        e = r.env
+        envs[(e.get("cpu"), e.get("cpu_count"), e.get("torch"), e.get("cuda"))] = e
+    commits = sorted({(r.env.get("git_commit") or "?")[:10] + ("+dirty" if r.env.get("git_dirty") else "") for r in runs.values()})
+
+    doc = [
+        "# Results",
+        "",
+        "<!-- Generated by `python -m experiments report`; do not edit by hand: edit experiments/notes.md or the code. -->",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the results files in "
+        f"`{os.path.relpath(results_dir)}/` ({len(runs)} finished runs). Every number below is computed from those "
+        "files by `python -m experiments report`; the code version of each run is recorded with it.",
+        "",
+    ]
+    notes = os.path.join(os.path.dirname(__file__), "notes.md")
+    if os.path.exists(notes):
+        with open(notes, encoding="utf-8") as f:
+            doc += [f.read().strip(), ""]
+
+    doc += ["## How the numbers are made", "",
+            "* Each table row is one setting; **n** is the number of seeds finished (`k/N` while a suite is incomplete).",
+            "* **best val**: the test metric at the epoch with the best validation metric (early stopping); "
+            "**final**: at the last epoch.",
+            "* **Δ**: mean paired difference to the group's baseline (accuracy in percentage points, perplexity in "
+            "perplexity units); **p**: two-sided paired t-test over seeds (`scipy.stats.ttest_rel`; a pair shares "
+            "the seed, hence initialization, data order and data subset); **p Holm**: Holm-Bonferroni adjusted over "
+            "all settings of the same table (family = one table, one column).",
+            "* Image accuracies are in %, on the untouched test set; validation is held out of the training set.",
+            "",
+            "## Machine and running time", ""]
+    for e in envs.values():
+        doc.append(f"* {e.get('cpu')} ({e.get('cpu_count')} cores), torch {e.get('torch')}, python {e.get('python')}, "
+                   f"{e.get('torch_threads')} thread(s) per run, GPU: {e.get('cuda') or 'none'}")
+    doc.append(f"* code versions of the runs: {', '.join(commits) if commits else '–'}")
+    doc += ["", "| suite | runs finished | of | measured run time (sum, s) | command |", "|---|--:|--:|--:|---|"]
+    all_groups: dict[str, list[GroupStats]] = {}
+    total_s = 0.0
+    for suite in suites:
+        configs = get_suite(suite)
+        groups = collect(configs, runs)
+        all_groups[suite] = groups
+        ids = {run_id(c) for c in configs}
+        fin = [runs[i] for i in ids if i in runs]
+        secs = sum(r.wall_s for r in fin)
+        total_s += secs
+        doc.append(f"| {suite} | {len(fin)} | {len(ids)} | {secs:.0f} | `python -m experiments suite {suite} --results-dir experiments/results` |")
+    doc += ["", f"Total measured: {total_s / 60:.0f} min of single-thread run time. Identical runs shared by two "
+            "suites are counted in each. `python -m experiments suite all --results-dir experiments/results` runs "
+            "(or resumes) everything, three seeds of every setting first.", ""]
+
+    for suite, groups in all_groups.items():
+        doc += [f"## Suite `{suite}`", "", DESCRIPTIONS.get(suite, ""), ""]
+        for g in groups:
+            doc += [f"### {g.group}", ""]
+            c0 = next(iter(g.settings.values())).configs[0]
+            doc += [f"{_describe(c0)}. Reproduce: `{_reproduce(g, suite)}`", ""]
+            if g.finished == 0:
+                doc += ["*No finished runs yet.*", ""]
+                continue
+            doc += [_table(g, markdown=True), ""]
+            rt = _robust_table(g)
+            if rt and suite != "ablations":
+                doc += ["Robustness: test accuracy % of the best-validation model under Gaussian input noise "
+                        "(p: paired t-test vs baseline, uncorrected).", "", rt, ""]
+            f = findings(g)
+            if f:
+                doc += ["Findings (generated):", ""] + [f"* {x}" for x in f] + [""]
+            slug = _slug(f"{suite}-{g.group}")
+            for maker, suffix in ((_curves, "curves"), (_vs_rate, "vs-rate"), (_bars, "bars"), (_robust, "robust")):
+                if suffix == "robust" and suite == "ablations":
+                    continue
+                p = maker(g, os.path.join(figures, f"{slug}-{suffix}.png"))
+                if p:
+                    doc.append(f"![{g.group} {suffix}]({rel(p)})")
+            doc.append("")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("\n".join(doc).rstrip() + "\n")
+    return out
+
+
+def _describe(c: RunConfig) -> str:
+    if c.task in ("brown", "ptb", "wikitext2", "shakespeare"):
+        arch = f"{c.model} emb {c.emb} hidden {c.hidden} x{c.layers}" if c.model == "lstm" else f"{c.model} d {c.emb} x{c.layers} heads {c.heads}"
+        data = f"first {c.train_subset} training tokens" if c.train_subset else "all training tokens"
+        return (f"{c.task}, {arch}, {data}, {c.epochs} epochs, batch {c.batch_size}x{c.bptt}, {c.optimizer} lr {c.lr:g}, "
+                f"clip {c.clip_grad:g}, eval on {c.eval_tokens or 'all'} tokens")
+    arch = f"{c.model} {c.hidden}x{c.layers}" if c.model == "mlp" else f"{c.model} width {c.width}"
+    data = f"{c.train_subset} training images" if c.train_subset else "all training images"
+    extra = f", {int(c.label_noise * 100)}% symmetric label noise" if c.label_noise else ""
+    return (f"{c.task}, {arch}, {data}{extra}, {c.epochs} epochs, batch {c.batch_size}, {c.optimizer} lr {c.lr:g}, "
+            f"validation {c.val_size}")

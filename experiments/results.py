@@ -1,0 +1,223 @@
+"""Append-only JSONL results files and the suite runner that resumes from them.
+
+Each line is one record:
+
+* ``{"type": "start", "run": id, "attempt": uuid, "config": {...}, "env": {...}}``
+* ``{"type": "epoch", "run": id, "attempt": uuid, "metrics": {...}}``
+* ``{"type": "end", "run": id, "attempt": uuid, "summary": {...}, "wall_s": ...}``
+* ``{"type": "error", "run": id, "attempt": uuid, "error": "..."}``
+
+A run counts as finished once an ``end`` record exists for its id; a restarted
+suite skips finished runs and starts unfinished ones afresh under a new
+attempt id, so a half-written run never mixes with a complete one. Lines are
+flushed and fsynced one by one: a killed process loses at most its current run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+
+from .config import RunConfig, run_id
+from .progress import bar
+
+__all__ = ["environment", "ResultsFile", "run_suite", "load_runs", "Run", "finished_ids", "results_path"]
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment() -> dict:
+    """Code version, library versions and machine, recorded with every run."""
+    import numpy
+    import torch
+
+    try:
+        import dropgrad
+
+        dg_version = getattr(dropgrad, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        dg_version = None
+    status = _git("status", "--porcelain", "--", "dropgrad", "experiments")
+    return {
+        "git_commit": _git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(status),
+        "dropgrad": dg_version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "host": socket.gethostname(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+class ResultsFile:
+    """One append-only JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True, default=_jsonable)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that run is unfinished anyway
+        return out
+
+    def finished(self) -> set[str]:
+        """Ids of runs that ended, or failed deterministically (a divergence is a result too)."""
+        return {r["run"] for r in self.records() if r.get("type") in ("end", "error")}
+
+
+def _jsonable(x):
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run as read back from a results file."""
+
+    id: str
+    config: dict
+    env: dict
+    epochs: list[dict]
+    summary: dict
+    wall_s: float
+
+
+def load_runs(paths: Iterable[str]) -> list[Run]:
+    """Every finished run in ``paths`` (the last finished attempt of each run id)."""
+    runs: dict[str, Run] = {}
+    for path in paths:
+        starts: dict[str, dict] = {}
+        epochs: dict[str, list[dict]] = {}
+        for r in ResultsFile(path).records():
+            a = r.get("attempt")
+            if r["type"] == "start":
+                starts[a] = r
+                epochs[a] = []
+            elif r["type"] == "epoch" and a in epochs:
+                epochs[a].append(r["metrics"])
+            elif r["type"] == "end" and a in starts:
+                s = starts[a]
+                runs[r["run"]] = Run(r["run"], s["config"], s["env"], epochs[a], r["summary"], r.get("wall_s", 0.0))
+    return list(runs.values())
+
+
+def results_path(results_dir: str, cfg: RunConfig) -> str:
+    return os.path.join(results_dir, f"{cfg.suite}.jsonl")
+
+
+def finished_ids(results_dir: str) -> set[str]:
+    """Runs finished in any results file of ``results_dir`` (suites share identical runs)."""
+    done: set[str] = set()
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))):
+        done |= ResultsFile(path).finished()
+    return done
+
+
+def run_suite(
+    configs: list[RunConfig],
+    results_dir: str,
+    progress: bool = True,
+    stop_after_s: float | None = None,
+    log=print,
+) -> dict:
+    """Run every config not yet finished in ``results_dir``; return counts.
+
+    Each run is appended to ``<results_dir>/<its suite>.jsonl``.
+
+    Args:
+        configs: the runs, in the order to run them.
+        results_dir: folder of the JSONL results files (read for finished runs, appended to).
+        progress: show progress bars.
+        stop_after_s: start no new run after this many seconds (a time budget).
+    """
+    from .train import run_to_end
+
+    done = finished_ids(results_dir)
+    todo, seen = [], set(done)
+    for c in configs:
+        rid = run_id(c)
+        if rid not in seen:
+            seen.add(rid)
+            todo.append(c)
+    unique = len({run_id(c) for c in configs})
+    counts = {"total": unique, "skipped": unique - len(todo), "ran": 0, "failed": 0, "left": 0}
+    if counts["skipped"]:
+        log(f"{counts['skipped']} of {unique} runs already finished in {results_dir}; skipping them")
+    env = environment()
+    t_start = time.time()
+    for i, cfg in enumerate(bar(todo, progress, desc="runs")):
+        if stop_after_s is not None and time.time() - t_start > stop_after_s:
+            counts["left"] = len(todo) - i
+            log(f"time budget of {stop_after_s:.0f}s used; {counts['left']} runs left for a later invocation")
+            break
+        rf = ResultsFile(results_path(results_dir, cfg))
+        rid, attempt = run_id(cfg), uuid.uuid4().hex[:12]
+        rf.append({"type": "start", "run": rid, "attempt": attempt, "config": dataclasses.asdict(cfg), "env": env})
+        t0 = time.time()
+        try:
+            summary = run_to_end(cfg, lambda m: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress)
+        except (FloatingPointError, RuntimeError, ValueError) as exc:
+            from .data import DatasetMissing
+
+            if isinstance(exc, DatasetMissing):
+                raise
+            rf.append({"type": "error", "run": rid, "attempt": attempt, "error": "".join(traceback.format_exception_only(exc)).strip()})
+            counts["failed"] += 1
+            log(f"run {cfg.group}/{cfg.name} seed {cfg.seed} failed (recorded, not retried): {exc}")
+            continue
+        rf.append({"type": "end", "run": rid, "attempt": attempt, "summary": summary, "wall_s": time.time() - t0})
+        counts["ran"] += 1
+    return counts

@@ -1,0 +1,215 @@
+"""The named suites: each is a list of :class:`RunConfig`, grouped for comparison.
+
+A *group* is one table of the report: settings run on the same data with the
+same seeds, each tested against the group's ``baseline`` setting (paired by
+seed). Sizes are chosen so that every published suite together runs in about
+two hours on a 2-core CPU machine with one thread per run (see
+``docs/results.md`` for the measured times); ``GPU_SUITES`` documents larger
+configurations for users with a GPU.
+
+Identical computations in different groups (the 5k-image "none" run is also the
+drop-rate ablation's ``p=0``) have the same run id and run once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import RunConfig
+
+__all__ = ["SUITES", "GPU_SUITES", "get_suite", "suite_names", "DESCRIPTIONS", "PUBLISHED"]
+
+IMAGE_SEEDS = 5
+LM_SEEDS = 3
+P = 0.1  # DropGrad's rate in the main comparisons (the spec's default example)
+
+
+def _methods(p: float = P, wd: dict | None = None, dropout: float = 0.2, ls: float = 0.1) -> dict[str, dict]:
+    wd = wd if wd is not None else {"optimizer": "adamw", "weight_decay": 0.1}
+    base = {"none": {}, "wd": wd, "dropout": {"dropout": dropout}, "ls": {"label_smoothing": ls}}
+    out = dict(base)
+    out["dg"] = {"drop_rate": p}
+    for k, v in base.items():
+        if k != "none":
+            out[f"dg+{k}"] = {**v, "drop_rate": p}
+    return out
+
+
+def _group(base: RunConfig, group: str, settings: dict[str, dict], seeds: int, baseline: str = "none") -> list[RunConfig]:
+    return [
+        base.replace(group=group, name=name, baseline=baseline, seed=s, **over)
+        for s in range(seeds)
+        for name, over in settings.items()
+    ]
+
+
+def _pick(d: dict[str, dict], *names: str) -> dict[str, dict]:
+    return {n: d[n] for n in names}
+
+
+# ------------------------------------------------------------------ quick (digits, < 5 min)
+
+QUICK = RunConfig(
+    suite="quick", task="digits", model="mlp", hidden=128, layers=2, epochs=40, batch_size=64, val_size=250, lr=1e-3
+)
+
+
+def quick() -> list[RunConfig]:
+    m = _methods(p=0.1, dropout=0.2)
+    settings = _pick(m, "none", "wd", "dropout", "ls", "dg", "dg+dropout")
+    settings["dg p=0.3"] = {"drop_rate": 0.3}
+    settings["lr x sqrt(0.7)"] = {"lr_scale": math.sqrt(0.7)}
+    settings["gauss noise p=0.3"] = {"grad_noise": 0.3}
+    return _group(QUICK, "digits-mlp", settings, IMAGE_SEEDS)
+
+
+# ------------------------------------------------------------------ images (Fashion-MNIST)
+
+FMNIST_MLP = RunConfig(suite="image", task="fashion_mnist", model="mlp", hidden=256, layers=2, lr=1e-3, batch_size=256, epochs=6)
+FMNIST_5K = FMNIST_MLP.replace(train_subset=5000, batch_size=128, epochs=30)
+FMNIST_CNN = RunConfig(
+    suite="image", task="fashion_mnist", model="cnn", width=8, hidden=64, lr=1e-3, batch_size=128, epochs=8, train_subset=10000
+)
+
+
+def image() -> list[RunConfig]:
+    m = _methods()
+    regime = _pick(m, "none", "wd", "dropout", "ls", "dg")
+    runs = _group(FMNIST_MLP, "fmnist-mlp full", m, IMAGE_SEEDS)
+    runs += _group(FMNIST_MLP.replace(train_subset=1000, batch_size=128, epochs=60), "fmnist-mlp 1k", regime, IMAGE_SEEDS)
+    runs += _group(FMNIST_5K, "fmnist-mlp 5k", regime, IMAGE_SEEDS)
+    noisy = FMNIST_MLP.replace(train_subset=10000, batch_size=128, epochs=20)
+    for eta in (0.2, 0.4):
+        runs += _group(noisy.replace(label_noise=eta), f"fmnist-mlp 10k noise{int(eta * 100)}", regime, IMAGE_SEEDS)
+    runs += _group(FMNIST_CNN, "fmnist-cnn 10k", _pick(m, "none", "dg"), IMAGE_SEEDS)
+    return runs
+
+
+# ------------------------------------------------------------------ ablations (Fashion-MNIST 5k, MLP)
+
+
+def ablations() -> list[RunConfig]:
+    b = FMNIST_5K.replace(suite="ablations")
+    runs = _group(b, "ablation: drop rate", {f"p={p:g}": {"drop_rate": p} for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)}, IMAGE_SEEDS, "p=0")
+    runs += _group(
+        b,
+        "ablation: schedule",
+        {
+            "none": {},
+            "constant 0.1": {"drop_rate": 0.1},
+            "linear 0.2->0": {"drop_rate": 0.2, "schedule": "linear"},
+            "cosine 0.2->0": {"drop_rate": 0.2, "schedule": "cosine"},
+            "step 0.2/0.1/0": {"drop_rate": 0.2, "schedule": "step"},
+            "cyclical 0-0.2": {"drop_rate": 0.2, "schedule": "cyclical"},
+        },
+        IMAGE_SEEDS,
+    )
+    runs += _group(
+        b,
+        "ablation: full update drop",
+        {"none": {}, "fud 0.1": {"full_update_drop": 0.1}, "fud 0.3": {"full_update_drop": 0.3}, "dg 0.1": {"drop_rate": 0.1}},
+        IMAGE_SEEDS,
+    )
+    runs += _group(
+        b,
+        "ablation: per-layer rates",
+        {
+            "none": {},
+            "all 0.1": {"drop_rate": 0.1},
+            "classifier 0.3": {"layer_rates": "classifier=0.3"},
+            "hidden layers 0.1": {"layer_rates": "features=0.1"},
+            "weights only 0.1": {"drop_rate": 0.1, "layer_rates": "*.bias=0.0"},
+        },
+        IMAGE_SEEDS,
+    )
+    for opt, over in (
+        ("sgd", {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}),
+        ("adam", {}),
+        ("adamw", {"optimizer": "adamw", "weight_decay": 0.1}),
+    ):
+        runs += _group(b.replace(**over), f"ablation: optimizer {opt}", {"none": {}, "dg 0.1": {"drop_rate": 0.1}, "dg 0.3": {"drop_rate": 0.3}}, IMAGE_SEEDS)
+    for p in (0.1, 0.3):
+        runs += _group(
+            b,
+            f"controls p={p:g}",
+            {
+                "none": {},
+                f"dg {p:g}": {"drop_rate": p},
+                f"lr x sqrt(1-{p:g})": {"lr_scale": math.sqrt(1 - p)},
+                f"gauss noise {p:g}": {"grad_noise": p},
+            },
+            IMAGE_SEEDS,
+        )
+    return runs
+
+
+# ------------------------------------------------------------------ language models
+
+BROWN_LSTM = RunConfig(
+    suite="lm", task="brown", model="lstm", emb=128, hidden=128, layers=2, batch_size=20, bptt=35, lr=2e-3,
+    clip_grad=5.0, epochs=2, train_subset=80000, eval_tokens=20000,
+)
+BROWN_TF = BROWN_LSTM.replace(model="transformer", heads=4, layers=2, bptt=64, lr=1e-3, clip_grad=1.0)
+SHAKESPEARE = RunConfig(
+    suite="lm", task="shakespeare", model="lstm", emb=64, hidden=256, layers=1, batch_size=32, bptt=100, lr=2e-3,
+    clip_grad=5.0, epochs=2, train_subset=200000, eval_tokens=50000,
+)
+
+
+def lm() -> list[RunConfig]:
+    lstm = {"none": {}, "dropout": {"dropout": 0.3}, "dg": {"drop_rate": P}, "dg+dropout": {"dropout": 0.3, "drop_rate": P}}
+    runs = _group(BROWN_LSTM, "brown-lstm 80k", lstm, LM_SEEDS)
+    runs += _group(BROWN_TF, "brown-transformer 80k", {"none": {}, "dg": {"drop_rate": P}}, LM_SEEDS)
+    runs += _group(SHAKESPEARE, "shakespeare-char-lstm 200k", lstm, LM_SEEDS)
+    return runs
+
+
+# ------------------------------------------------------------------ GPU-scale (documented, not run here)
+
+
+def cifar10_resnet() -> list[RunConfig]:
+    b = RunConfig(
+        suite="gpu-cifar10", task="cifar10", model="resnet", width=16, layers=3, optimizer="sgd", lr=0.1, momentum=0.9,
+        weight_decay=5e-4, batch_size=128, epochs=100, lr_decay="cosine", val_size=5000, device="cuda",
+    )
+    s = {"none": {}, "dg": {"drop_rate": 0.1}, "dg 0.3": {"drop_rate": 0.3}, "lr x sqrt(0.9)": {"lr_scale": math.sqrt(0.9)}}
+    return _group(b, "cifar10-resnet20", s, IMAGE_SEEDS)
+
+
+def brown_full() -> list[RunConfig]:
+    b = BROWN_LSTM.replace(suite="gpu-lm", emb=200, hidden=200, batch_size=20, epochs=13, train_subset=0, eval_tokens=0, lr=1e-3, device="cuda")
+    s = {"none": {}, "dropout": {"dropout": 0.3}, "dg": {"drop_rate": P}, "dg+dropout": {"dropout": 0.3, "drop_rate": P}}
+    runs = _group(b, "brown-lstm full", s, LM_SEEDS)
+    tf = BROWN_TF.replace(suite="gpu-lm", emb=256, heads=4, layers=4, bptt=128, epochs=10, train_subset=0, eval_tokens=0, device="cuda")
+    return runs + _group(tf, "brown-transformer full", s, LM_SEEDS)
+
+
+SUITES = {"quick": quick, "image": image, "ablations": ablations, "lm": lm}
+GPU_SUITES = {"gpu-cifar10": cifar10_resnet, "gpu-lm": brown_full}
+PUBLISHED = ("quick", "image", "ablations", "lm")
+DESCRIPTIONS = {
+    "quick": "digits MLP: baselines, DropGrad, controls (5 seeds); no download, < 5 min",
+    "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
+    "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
+    "lm": "Brown word-level LSTM and transformer, Shakespeare char-level LSTM (3 seeds)",
+    "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
+    "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",
+    "gpu-lm": "Brown LSTM (Zaremba small size) and transformer on the full corpus (needs a GPU)",
+}
+
+
+def suite_names() -> list[str]:
+    return [*SUITES, "all", *GPU_SUITES]
+
+
+def get_suite(name: str) -> list[RunConfig]:
+    """The configs of a suite; ``all`` puts the first three seeds of every published suite first."""
+    if name == "all":
+        runs = [c for s in PUBLISHED for c in SUITES[s]()]
+        # stable sort: seeds 0-2 of everything, then the rest; partial results stay balanced
+        return sorted(runs, key=lambda c: c.seed >= LM_SEEDS)
+    if name in SUITES:
+        return SUITES[name]()
+    if name in GPU_SUITES:
+        return GPU_SUITES[name]()
+    raise KeyError(f"unknown suite {name!r}; known: {', '.join(suite_names())}")
