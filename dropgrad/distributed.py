@@ -296,7 +296,9 @@ def _plain_allreduce(state: MaskedAllreduceState, buffer: torch.Tensor, group: A
     return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def masked_allreduce_hook(state: MaskedAllreduceState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+# No annotations on bucket and the result: DDP's register_comm_hook compares them with
+# dist.GradBucket / Future[Tensor] objects, and this module's annotations are strings.
+def masked_allreduce_hook(state: MaskedAllreduceState, bucket):  # noqa: ANN001, ANN201
     """DDP communication hook: mask each bucket with DropGrad's masks, all-reduce only the kept values.
 
     Register with ``ddp_model.register_comm_hook(MaskedAllreduceState(opt), masked_allreduce_hook)``
@@ -325,6 +327,13 @@ def masked_allreduce_hook(state: MaskedAllreduceState, bucket: Any) -> torch.fut
     (LBFGS) is refused by DropGrad. Accumulation with or without ``no_sync()``
     is fine (a mask applied twice in one step is the same mask).
     Complex or sparse buckets are all-reduced unmasked and masked by ``step()``.
+
+    Args:
+        state: a :class:`MaskedAllreduceState`.
+        bucket: the ``torch.distributed.GradBucket`` DDP hands over.
+
+    Returns:
+        A ``torch.futures.Future`` of the reduced bucket buffer.
     """
     import torch.distributed as dist  # noqa: PLC0415
 

@@ -1,0 +1,438 @@
+"""One rank of the multi-process tests in ``test_distributed.py`` (not collected by pytest).
+
+Run as ``python tests/_distributed_worker.py RANK WORLD PORT OUTDIR SCENARIO[,SCENARIO...]``.
+Joins a gloo process group on 127.0.0.1 only, runs the scenarios in order and
+writes ``OUTDIR/rank<RANK>.json`` (``{scenario: "ok" | traceback}``) after each
+one, so the parent sees partial results even if a later scenario hangs or dies.
+Every check compares something across ranks or against a single-process run
+that each rank computes itself (tiny models: the reference is cheap).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from dropgrad import DropGrad  # noqa: E402
+from dropgrad import distributed as dgd  # noqa: E402
+
+torch.set_num_threads(1)
+RANK = WORLD = 0
+BATCH = 8  # global batch, split evenly over 2 or 4 ranks
+
+
+# ---------------------------------------------------------------------- helpers
+def make_model(width: int = 7) -> nn.Module:
+    torch.manual_seed(0)
+    # odd sizes: FSDP2 shards 7 and 3 rows unevenly over 2 and 4 ranks (one rank gets none)
+    return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def data(steps: int, micro: int = 1, seed: int = 123):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(steps, micro, BATCH, 5, generator=g), torch.randn(steps, micro, BATCH, 3, generator=g)
+
+
+def chunk(t: torch.Tensor, rank: int) -> torch.Tensor:
+    n = t.shape[0] // WORLD
+    return t[rank * n : (rank + 1) * n]
+
+
+def loss_of(model, x, y) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def assert_replicas_identical(t: torch.Tensor, what: str) -> None:
+    for r, other in enumerate(gather(t)):
+        if not torch.equal(bits(other), bits(t)):
+            raise AssertionError(f"{what}: rank {r} differs from rank {RANK} (max diff {(other - t).abs().max():.3e})")
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, rtol=1e-5, atol=1e-6) -> None:
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
+        raise AssertionError(f"{what}: max diff {(a - b).abs().max():.3e}")
+
+
+def reference_run(steps, opt_fn, micro=1, model_fn=make_model, x=None, y=None, uses=None) -> torch.Tensor:
+    """Single process, same global batch: the average of the per-rank losses, as DDP averages gradients."""
+    model = model_fn()
+    opt = opt_fn(model)
+    if x is None:
+        x, y = data(steps, micro)
+    for s in range(steps):
+        for m in range(micro):
+            total = 0
+            for r in range(WORLD):
+                out = model_forward(model, chunk(x[s, m], r), uses(s, r) if uses else None)
+                total = total + ((out - chunk(y[s, m], r)) ** 2).mean()
+            (total / WORLD).backward()
+        opt.step()
+        opt.zero_grad()
+    return flat(model.parameters())
+
+
+def model_forward(model, x, use_branch):
+    if use_branch is None:
+        return model(x)
+    return model(x, use_branch)
+
+
+def adam_dropgrad(seed=7, **kw):
+    def build(model):
+        return DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5, seed=seed, **kw)
+
+    return build
+
+
+def ddp_run(steps, opt_fn, micro=1, use_no_sync=True, model_fn=make_model, ddp_kw=None, hook=False, uses=None):
+    model = DDP(model_fn(), **(ddp_kw or {}))
+    opt = opt_fn(model)
+    state = dgd.register_masked_allreduce_hook(model, opt) if hook else None
+    x, y = data(steps, micro)
+    written = _io_written()
+    for s in range(steps):
+        for m in range(micro):
+            xb, yb = chunk(x[s, m], RANK), chunk(y[s, m], RANK)
+            last = m == micro - 1
+            ctx = model.no_sync() if (use_no_sync and not last) else _null()
+            with ctx:
+                out = model_forward(model, xb, uses(s, RANK) if uses else None)
+                ((out - yb) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.bytes_written = _io_written() - written  # socket writes count in /proc/self/io's wchar
+    return model, opt, state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------- scenarios
+def ddp_matches_single_process():
+    steps = 4
+    _, opt, _ = ddp_run(steps, adam_dropgrad())
+    params = flat(opt.optimizer.param_groups[0]["params"])
+    assert_replicas_identical(params, "DDP params")
+    assert_close(params, reference_run(steps, adam_dropgrad()), "DDP vs single process")
+    # the masks did something: the undropped run ends elsewhere
+    undropped = reference_run(steps, lambda m: torch.optim.Adam(m.parameters(), lr=0.05))
+    if torch.allclose(params, undropped, rtol=1e-3, atol=1e-4):
+        raise AssertionError("DropGrad(p=0.5) gave the same parameters as no dropout")
+
+
+def ddp_unseeded_agree():
+    steps = 3
+
+    def unseeded(model):
+        torch.manual_seed(1000 + RANK)  # a different drawn seed on every rank
+        return DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5, full_update_drop=0.3)
+
+    model, opt, _ = ddp_run(steps, unseeded)
+    assert opt._seed_agreed, "seed not marked agreed after the first step"
+    seeds = gather(torch.tensor([opt.seed]))
+    assert all(int(s) == int(seeds[0]) for s in seeds), f"seeds differ after agreement: {seeds}"
+    assert_replicas_identical(flat(model.parameters()), "unseeded DDP params")
+    torch.manual_seed(1000)  # rank 0's seed, in a single process
+    ref_seed = DropGrad(torch.optim.SGD([nn.Parameter(torch.zeros(1))]), drop_rate=0.5).seed
+    assert opt.seed == ref_seed, (opt.seed, ref_seed)
+    assert_close(flat(model.parameters()), reference_run(steps, adam_dropgrad(seed=ref_seed, full_update_drop=0.3)),
+                 "unseeded DDP vs single process with rank 0's seed")
+    # Accelerate's load_state_dict(state_dict()) keeps the agreement (no new collective needed)
+    opt.load_state_dict(opt.state_dict())
+    assert opt._seed_agreed
+
+
+def ddp_drift_detected():
+    """Negative control: without agreement, different seeds make replicas drift (the test can fail)."""
+    def unagreed(model):
+        torch.manual_seed(1000 + RANK)  # after make_model's manual_seed(0)
+        opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5)
+        opt._seed_agreed = True  # pretend: skip the agreement
+        return opt
+
+    model, _, _ = ddp_run(2, unagreed)
+    try:
+        assert_replicas_identical(flat(model.parameters()), "params")
+    except AssertionError:
+        return
+    raise AssertionError("replicas stayed identical with different seeds: the identity check is blind")
+
+
+def mismatch_raises():
+    model = make_model()
+    # rank-dependent rate, no seed: the first step's agreement must refuse on every rank
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1 + 0.1 * RANK)
+    loss_of(model, torch.randn(2, 5), torch.randn(2, 3)).backward()
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "differently across ranks" in str(exc) and "shapes_and_rates" in str(exc), str(exc)
+    else:
+        raise AssertionError("rank-dependent drop_rate did not raise")
+    # the classic mistake: seed = base + rank; check_consistency catches it
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=42 + RANK)
+    try:
+        dgd.check_consistency(opt)
+    except RuntimeError as exc:
+        assert "seed=" in str(exc), str(exc)
+    else:
+        raise AssertionError("rank-dependent seed did not raise in check_consistency")
+    dist.barrier()
+
+
+def no_sync_accumulation():
+    steps, micro = 3, 3
+    _, opt, _ = ddp_run(steps, adam_dropgrad(), micro=micro)
+    params = flat(opt.optimizer.param_groups[0]["params"])
+    assert_replicas_identical(params, "no_sync params")
+    assert_close(params, reference_run(steps, adam_dropgrad(), micro=micro), "no_sync vs single process")
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(5, 3)  # used on some ranks at some steps
+        self.never = nn.Linear(5, 3)  # never used: its grad stays None
+
+    def forward(self, x, use_b):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+def unused_parameters():
+    steps = 4
+
+    def uses(step, rank):  # rank 0 uses b on even steps, others on step 3 only
+        return (rank == 0 and step % 2 == 0) or (rank != 0 and step == 3)
+
+    model, opt, _ = ddp_run(steps, adam_dropgrad(), model_fn=Branchy, ddp_kw={"find_unused_parameters": True}, uses=uses)
+    params = flat(model.parameters())
+    assert_replicas_identical(params, "unused-parameter params")
+    assert_close(params, reference_run(steps, adam_dropgrad(), model_fn=Branchy, uses=uses), "unused vs single")
+    assert model.module.never.weight.grad is None
+
+
+def zero_redundancy():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    steps = 4
+
+    def zero(model):
+        inner = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.05)
+        return DropGrad(inner, drop_rate=0.5, seed=7)
+
+    model, opt, _ = ddp_run(steps, zero)
+    params = flat(model.parameters())
+    assert_replicas_identical(params, "ZeRO params")
+    assert_close(params, reference_run(steps, adam_dropgrad()), "ZeRO vs single process")
+    # only owned gradients are masked: do one more backward and mask without stepping the base
+    owned = dgd._zero_owned_param_ids(opt.optimizer)
+    assert len(owned) < len(list(model.parameters())), "expected a strict subset owned per rank"
+    x, y = data(1)
+    loss_of(model, chunk(x[0, 0], RANK), chunk(y[0, 0], RANK)).backward()
+    before = {id(p): p.grad.clone() for p in model.parameters()}
+    opt._mask_gradients(opt._plan({}), 0)
+    for p in model.parameters():
+        changed = not torch.equal(before[id(p)], p.grad)
+        assert changed == (id(p) in owned), f"owned={id(p) in owned} but masked={changed}"
+
+
+def fsdp2():
+    from torch.distributed.fsdp import fully_shard
+
+    steps = 4
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    torch.manual_seed(1000 + RANK)  # unseeded: agreement must happen through the DTensor path too
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5)
+    x, y = data(steps)
+    for s in range(steps):
+        loss_of(model, chunk(x[s, 0], RANK), chunk(y[s, 0], RANK)).backward()
+        opt.step()
+        opt.zero_grad()
+    full = flat([p.full_tensor() for p in model.parameters()])
+    assert_replicas_identical(full, "FSDP2 gathered params")
+    assert_close(full, reference_run(steps, adam_dropgrad(seed=opt.seed)), "FSDP2 vs single process")
+
+
+def dtensor_layouts():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import Partial
+
+    mesh1 = init_device_mesh("cpu", (WORLD,))
+    layouts = [(mesh1, [Shard(0)]), (mesh1, [Shard(1)]), (mesh1, [Shard(2)]), (mesh1, [Replicate()])]
+    if WORLD == 4:
+        mesh2 = init_device_mesh("cpu", (2, 2))
+        layouts += [(mesh2, [Shard(0), Shard(1)]), (mesh2, [Replicate(), Shard(0)]), (mesh2, [Shard(1), Shard(1)]),
+                    (mesh2, [Shard(2), Shard(0)])]
+    shapes = [(7, 5, 3), (3, 2, 9), (1, 4, 1)]  # uneven everywhere, some ranks hold nothing
+    for mesh, placements in layouts:
+        for shape in shapes:
+            g = torch.Generator().manual_seed(5)
+            full_grad = torch.randn(shape, generator=g)
+            # single process: the full mask, parameter index 1 (index 0 is a plain tensor)
+            ref_params = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(shape))]
+            ref_params[0].grad = torch.ones(4)
+            ref_params[1].grad = full_grad.clone()
+            DropGrad(torch.optim.SGD(ref_params, lr=1.0), drop_rate=0.5, seed=3).step()
+            p = nn.Parameter(distribute_tensor(torch.zeros(shape), mesh, placements))
+            p.grad = distribute_tensor(full_grad, mesh, placements)
+            plain = nn.Parameter(torch.zeros(4))
+            plain.grad = torch.ones(4)
+            DropGrad(torch.optim.SGD([plain, p], lr=1.0, foreach=False), drop_rate=0.5, seed=3).step()
+            got = p.full_tensor()
+            if not torch.equal(bits(got), bits(ref_params[1].detach())):
+                raise AssertionError(f"{placements} on {mesh} shape {shape}: shard masks differ from the full mask")
+    # layouts that cannot be mapped are refused, not guessed
+    p = nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh1, [Replicate()]))
+    p.grad = DTensor.from_local(torch.ones(4, 4), mesh1, [Partial()])
+    try:
+        DropGrad(torch.optim.SGD([p], lr=1.0, foreach=False), drop_rate=0.5, seed=3).step()
+    except ValueError as exc:
+        assert "Partial" in str(exc), str(exc)
+    else:
+        raise AssertionError("a Partial gradient was masked instead of refused")
+
+
+def _io_written() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def comm_hook(strict_bitwise: bool = True):
+    """The masked all-reduce hook against DDP's default all-reduce + DropGrad.step."""
+    steps = 4
+    wide = lambda: make_model(width=2048)  # noqa: E731 - enough bytes to count
+
+    def opt_fn(model):
+        named = dict(model.named_parameters())
+        rates = {named["module.2.bias"]: 0.0, named["module.0.weight"]: 0.9}  # a rate-0 parameter, a high one
+        return DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5, params=rates, seed=11)
+
+    for ddp_kw, micro, no_sync in [({}, 1, True), ({"bucket_cap_mb": 0.001}, 2, True), ({}, 2, False)]:
+        ref_model, _, _ = ddp_run(steps, opt_fn, micro=micro, use_no_sync=no_sync, model_fn=wide, ddp_kw=ddp_kw)
+        model, opt, state = ddp_run(steps, opt_fn, micro=micro, use_no_sync=no_sync, model_fn=wide, ddp_kw=ddp_kw,
+                                    hook=True)
+        got, want = flat(model.parameters()), flat(ref_model.parameters())
+        assert_replicas_identical(got, "hook params")
+        what = f"hook vs default all-reduce ({ddp_kw}, micro={micro}, no_sync={no_sync})"
+        if strict_bitwise:
+            if not torch.equal(bits(got), bits(want)):
+                raise AssertionError(f"{what}: not bitwise equal, max diff {(got - want).abs().max():.3e}")
+        else:
+            assert_close(got, want, what)
+        ratio = state.bytes_sent / state.bytes_dense
+        # expected kept fraction, by element count (weights 0.9 / default 0.5 / bias 0.0)
+        sizes = {n: p.numel() for n, p in model.named_parameters()}
+        kept = sizes["module.0.weight"] * 0.1 + sizes["module.2.bias"] + 0.5 * (
+            sizes["module.0.bias"] + sizes["module.2.weight"])
+        expected = kept / sum(sizes.values())
+        assert abs(ratio - expected) < 0.02, f"{what}: hook sent {ratio:.3f} of the bytes, expected ~{expected:.3f}"
+        wire = model.bytes_written / max(ref_model.bytes_written, 1)
+        assert wire < expected + 0.1, f"{what}: bytes written to sockets {wire:.3f} of default, expected ~{expected:.3f}"
+        assert opt._premasked and max(opt._premasked.values()) == steps - 1, "the hook marked nothing"
+
+
+def comm_hook_nonfinite():
+    """A non-finite value in a dropped element stays visible (NaN), as with the default path."""
+    model = DDP(make_model())
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=3)
+    dgd.register_masked_allreduce_hook(model, opt)
+    loss_of(model, torch.randn(2, 5), torch.randn(2, 3)).backward()
+    # not possible to inject into the bucket after backward; run the hook by hand on a fake bucket
+    weight = model.module[0].weight
+    keep = torch.ones(weight.numel())
+    dgd.apply_masks_([keep], [dgd._masks.derive_key(opt.seed, opt._step_count, 0)],
+                     [dgd._masks.keep_threshold(0.5)], [1.0])
+    dropped = int((keep == 0).nonzero()[0])
+    grad = torch.ones(weight.numel())
+    if RANK == 1:
+        grad[dropped] = float("inf")
+
+    class Bucket:
+        def buffer(self):
+            return grad
+
+        def parameters(self):
+            return [weight]
+
+    out = dgd.masked_allreduce_hook(dgd.MaskedAllreduceState(opt), Bucket()).wait()
+    assert torch.isnan(out[dropped]), "a dropped inf on rank 1 vanished"
+    assert torch.isfinite(out[keep.bool()]).all()
+    dist.barrier()
+
+
+def comm_hook_w4():
+    comm_hook(strict_bitwise=False)
+
+
+SCENARIOS = {f.__name__: f for f in [
+    ddp_matches_single_process, ddp_unseeded_agree, ddp_drift_detected, mismatch_raises, no_sync_accumulation,
+    unused_parameters, zero_redundancy, fsdp2, dtensor_layouts, comm_hook, comm_hook_nonfinite, comm_hook_w4,
+]}
+
+
+def main() -> None:
+    global RANK, WORLD
+    rank, world, port, outdir, names = sys.argv[1:6]
+    RANK, WORLD = int(rank), int(world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    results: dict[str, str] = {}
+    path = os.path.join(outdir, f"rank{RANK}.json")
+    failed = False
+    for name in names.split(","):
+        try:
+            SCENARIOS[name]()
+            dist.barrier()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+            failed = True
+        with open(path, "w") as f:
+            json.dump(results, f)
+        if failed:
+            break  # peers may be stuck in a collective: the parent ends them
+    if not failed:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""DropGrad under torch.distributed: multi-process (gloo, 127.0.0.1 only) and single-process checks.
+
+The multi-process scenarios live in ``_distributed_worker.py``; each world size
+is launched once per session (2 and 4 processes, fresh interpreters), every
+rank records each scenario's outcome, and each test below asserts one
+scenario. A launch is bounded in time and its processes are killed on failure
+or timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropgrad import DropGrad
+from dropgrad import distributed as dgd
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+LAUNCH_TIMEOUT_S = {2: 150, 4: 240}
+
+SCENARIOS = {
+    2: [
+        "ddp_matches_single_process",
+        "ddp_unseeded_agree",
+        "ddp_drift_detected",
+        "mismatch_raises",
+        "no_sync_accumulation",
+        "unused_parameters",
+        "zero_redundancy",
+        "fsdp2",
+        "dtensor_layouts",
+        "comm_hook",
+        "comm_hook_nonfinite",
+    ],
+    # 4 processes share 2 cores: the cases where the world size changes the layout
+    4: ["ddp_matches_single_process", "ddp_unseeded_agree", "zero_redundancy", "fsdp2", "dtensor_layouts",
+        "comm_hook_w4"],
+}
+
+needs_dist = pytest.mark.skipif(
+    not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+    reason="needs torch.distributed with gloo and a loopback interface named lo",
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, scenarios: list[str], outdir: Path, timeout_s: float) -> dict[str, str]:
+    """Run the scenarios on ``world`` fresh processes; ``{scenario: "ok" | what went wrong}``."""
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(WORKER.parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    port = _free_port()
+    logs = [open(outdir / f"rank{r}.log", "w") for r in range(world)]
+    procs = []
+    try:
+        for r in range(world):
+            cmd = [sys.executable, str(WORKER), str(r), str(world), str(port), str(outdir), ",".join(scenarios)]
+            procs.append(subprocess.Popen(cmd, stdout=logs[r], stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # a rank failed: its peers may wait in a collective forever
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+        for f in logs:
+            f.close()
+    per_rank = []
+    for r in range(world):
+        path = outdir / f"rank{r}.json"
+        per_rank.append(json.loads(path.read_text()) if path.exists() else {})
+    results = {}
+    for name in scenarios:
+        outcomes = [res.get(name) for res in per_rank]
+        if all(o == "ok" for o in outcomes):
+            results[name] = "ok"
+            continue
+        failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o not in (None, "ok")]
+        if not failures:
+            tail = "\n".join(f"rank {r} log tail:\n{(outdir / f'rank{r}.log').read_text()[-1500:]}" for r in range(world))
+            why = f"timed out after {timeout_s} s" if timed_out else "an earlier scenario failed or a rank died"
+            failures = [f"not finished on every rank ({why}); exit codes {[p.returncode for p in procs]}\n{tail}"]
+        results[name] = "\n".join(failures)
+    return results
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return launch(2, SCENARIOS[2], tmp_path_factory.mktemp("dist2"), LAUNCH_TIMEOUT_S[2])
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return launch(4, SCENARIOS[4], tmp_path_factory.mktemp("dist4"), LAUNCH_TIMEOUT_S[4])
+
+
+@needs_dist
+@pytest.mark.parametrize("scenario", SCENARIOS[2])
+def test_two_processes(world2, scenario):
+    assert world2[scenario] == "ok", world2[scenario]
+
+
+@needs_dist
+@pytest.mark.parametrize("scenario", SCENARIOS[4])
+def test_four_processes(world4, scenario):
+    assert world4[scenario] == "ok", world4[scenario]
+
+
+# ---------------------------------------------------------------------- single process
+def _opt(seed=None, **kw):
+    model = torch.nn.Linear(3, 2)
+    return model, DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=seed, **kw)
+
+
+def test_seed_agreed_flag_round_trips_and_old_checkpoints_load():
+    _, seeded = _opt(seed=1)
+    _, drawn = _opt()
+    assert seeded._seed_agreed and not drawn._seed_agreed
+    assert seeded.state_dict()["dropgrad"]["seed_agreed"] is True
+    drawn.load_state_dict(seeded.state_dict())
+    assert drawn._seed_agreed and drawn.seed == 1
+    old = seeded.state_dict()
+    del old["dropgrad"]["seed_agreed"]  # a checkpoint from before distributed support
+    seeded.load_state_dict(old)
+    assert not seeded._seed_agreed  # agree again at the next step (a no-op without a process group)
+
+
+def test_no_process_group_means_no_communication():
+    model, opt = _opt()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # must not need torch.distributed to be initialized
+    assert not opt._seed_agreed
+
+
+def test_local_shards_of_a_plain_tensor_is_itself():
+    g = torch.randn(3, 4)
+    [(piece, offset)] = dgd.local_shards(g)
+    assert piece is g and offset == 0
+
+
+def test_comm_hook_state_refuses_a_bare_optimizer():
+    with pytest.raises(TypeError, match="DropGrad"):
+        dgd.MaskedAllreduceState(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+def test_premasked_gradients_are_only_rescaled_and_closures_refused():
+    model, opt = _opt(seed=3)
+    model(torch.randn(4, 3)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        opt._premasked[id(p)] = opt.step_count  # as the comm hook marks them
+    opt.step()
+    for p, g, p0 in zip(model.parameters(), grads, [None, None]):
+        assert torch.equal(p.grad, g * 2.0)  # factor 1/(1-0.5), no new mask
+    lbfgs_model = torch.nn.Linear(3, 1)
+    lbfgs = DropGrad(torch.optim.LBFGS(lbfgs_model.parameters(), max_iter=3), drop_rate=0.5, seed=0)
+    for p in lbfgs_model.parameters():
+        lbfgs._premasked[id(p)] = 0
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = lbfgs_model(torch.randn(4, 3)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="closure"):
+        lbfgs.step(closure)
