@@ -1,0 +1,275 @@
+/* Fused gradient-mask kernel for dropgrad: one pass over memory, no torch headers.
+ *
+ * For every element i of tensor j (contiguous, row-major):
+ *     h       = fmix32(fmix32(lo32(o + i) ^ k0[j]) ^ (hi32(o + i) + k1[j]))   (o = offsets[j])
+ *     g[i]   <- g[i] * (h < threshold[j] ? fl(scale[j]) : 0 * fl(scale[j]))
+ * which is dropgrad.masks.keep_mask followed by the reference kernel's
+ * `g.mul_(keep.to(opmath) * scale)`, bit for bit: the factor is formed in the
+ * dtype torch computes in (float32 for half/bfloat16/float32, float64 for
+ * float64) and half/bfloat16 results are rounded as torch's vectorized CPU
+ * kernels round them (round to nearest even; NaN kept quiet).
+ *
+ * Built at first use by dropgrad/_kernels.py with `cc -O3 -fopenmp -shared`
+ * (OpenMP is optional) and called through ctypes, which releases the GIL.
+ * Do not build with -ffast-math: it breaks NaN/subnormal parity with torch.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define DG_F32 0
+#define DG_F64 1
+#define DG_F16 2
+#define DG_BF16 3
+#define DG_META 6 /* words per tensor in dropgrad_mask_grouped's meta */
+
+/* One work unit of the flat element space; large enough to amortise the
+ * scheduling, small enough to spread 161 tensors over 2-64 threads. */
+#define DG_CHUNK 65536
+/* Below this many elements in a call, threads cost more than they save. */
+#define DG_MIN_PARALLEL 131072
+
+/* Generic x86-64 has no 32-bit vector multiply; clone the hot loops for AVX2. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DG_CLONES __attribute__((target_clones("avx2", "default"), noinline))
+#else
+#define DG_CLONES
+#endif
+
+/* fmix32(fmix32(lo ^ k0) ^ c1) < thr (fmix32: MurmurHash3's finalizer), with the xorshift that ends the inner
+ * fmix32 and the one that starts the outer cancelling on the inner value:
+ * for 32-bit a, (a ^ a>>16 ^ c1) ^ ((a ^ a>>16 ^ c1) >> 16) = a ^ c1 ^ c1>>16.
+ * Callers pass c1x = c1 ^ (c1 >> 16); 4 of 18 vector operations are saved. */
+static inline uint32_t keep_bit(uint32_t lo, uint32_t k0, uint32_t c1x, uint32_t thr) {
+    uint32_t h = lo ^ k0;
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= c1x;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h < thr;
+}
+
+static inline float f32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+/* IEEE half -> float, exact (NaN payload kept; the multiply quiets it as torch does). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = f32_from_bits(((two_w >> 4) + (0xE0u << 23))) * exp_scale;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t result = sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized));
+    return f32_from_bits(result);
+}
+
+/* float -> IEEE half, round to nearest even (FP16 library algorithm), with
+ * NaN handled like x86 F16C `vcvtps2ph`, which torch's vector path uses:
+ * quiet bit set, top 10 payload bits kept, sign kept. */
+static inline uint16_t float_to_half(float f) {
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    const uint32_t w = f32_to_bits(f);
+    float base = (f32_from_bits(w & 0x7FFFFFFFu) * scale_to_inf) * scale_to_zero;
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    const uint32_t nan = 0x7E00u | ((w >> 13) & 0x03FFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
+}
+
+/* float -> bfloat16 as torch's vectorized kernels do: round to nearest even, NaN -> 0xFFFF. */
+static inline uint16_t float_to_bf16(float f) {
+    const uint32_t w = f32_to_bits(f);
+    if ((w & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFu;
+    return (uint16_t)((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);
+}
+
+/* Each loop handles elements whose 64-bit index shares its high word, so the
+ * second hash round's key (hi32 + k1, folded into c1x) is a constant and the loop vectorizes. */
+DG_CLONES static void run_f32(float *g, int64_t n, uint32_t lo, uint32_t k0, uint32_t c1x, uint32_t thr, int all, float fk, float f0) {
+    if (all) { for (int64_t i = 0; i < n; i++) g[i] = g[i] * fk; return; }
+    uint32_t x = lo;
+    for (int64_t i = 0; i < n; i++, x++) g[i] = g[i] * (keep_bit(x, k0, c1x, thr) ? fk : f0);
+}
+
+DG_CLONES static void run_f64(double *g, int64_t n, uint32_t lo, uint32_t k0, uint32_t c1x, uint32_t thr, int all, double fk, double f0) {
+    if (all) { for (int64_t i = 0; i < n; i++) g[i] = g[i] * fk; return; }
+    uint32_t x = lo;
+    for (int64_t i = 0; i < n; i++, x++) g[i] = g[i] * (keep_bit(x, k0, c1x, thr) ? fk : f0);
+}
+
+DG_CLONES static void run_f16(uint16_t *g, int64_t n, uint32_t lo, uint32_t k0, uint32_t c1x, uint32_t thr, int all, float fk, float f0) {
+    uint32_t x = lo;
+    for (int64_t i = 0; i < n; i++, x++) {
+        const float f = (all || keep_bit(x, k0, c1x, thr)) ? fk : f0;
+        g[i] = float_to_half(half_to_float(g[i]) * f);
+    }
+}
+
+DG_CLONES static void run_bf16(uint16_t *g, int64_t n, uint32_t lo, uint32_t k0, uint32_t c1x, uint32_t thr, int all, float fk, float f0) {
+    uint32_t x = lo;
+    for (int64_t i = 0; i < n; i++, x++) {
+        const float f = (all || keep_bit(x, k0, c1x, thr)) ? fk : f0;
+        g[i] = float_to_bf16(f32_from_bits((uint32_t)g[i] << 16) * f);
+    }
+}
+
+/* Mask elements [start, stop) of tensor j. */
+static void run_segment(void *ptr, int32_t dtype, int64_t start, int64_t stop, uint32_t k0, uint32_t k1,
+                        uint64_t threshold, double scale, uint64_t offset) {
+    /* threshold 0 keeps nothing: comparing against 0 is never true, so thr=0 works as is;
+     * threshold 2^32 keeps everything: the `all` flag (no uint32 holds 2^32). */
+    const int all = threshold >= 0x100000000ull;
+    const uint32_t thr = all ? 0u : (uint32_t)threshold;
+    const float fk32 = (float)scale, f032 = 0.0f * fk32;
+    const double fk64 = scale, f064 = 0.0 * scale;
+    int64_t i = start;
+    while (i < stop) {
+        const uint64_t idx = offset + (uint64_t)i;
+        const uint32_t hi = (uint32_t)(idx >> 32), lo = (uint32_t)idx;
+        int64_t n = stop - i;
+        const uint64_t to_wrap = 0x100000000ull - (uint64_t)lo;
+        if ((uint64_t)n > to_wrap) n = (int64_t)to_wrap;
+        const uint32_t c1 = hi + k1, c1x = c1 ^ (c1 >> 16);
+        switch (dtype) {
+        case DG_F32: run_f32((float *)ptr + i, n, lo, k0, c1x, thr, all, fk32, f032); break;
+        case DG_F64: run_f64((double *)ptr + i, n, lo, k0, c1x, thr, all, fk64, f064); break;
+        case DG_F16: run_f16((uint16_t *)ptr + i, n, lo, k0, c1x, thr, all, fk32, f032); break;
+        case DG_BF16: run_bf16((uint16_t *)ptr + i, n, lo, k0, c1x, thr, all, fk32, f032); break;
+        default: return;
+        }
+        i += n;
+    }
+}
+
+/* Masks the pieces [lo, hi) of the flat element space (the concatenation of
+ * all tensors; start[] holds prefix sums of the tensor sizes). */
+static void run_range(int64_t count, const uint64_t *meta, const double *scales, const int64_t *start,
+                      int64_t lo, int64_t hi) {
+    /* first tensor with start[j + 1] > lo */
+    int64_t a = 0, b = count - 1;
+    while (a < b) {
+        const int64_t m = a + (b - a) / 2;
+        if (start[m + 1] > lo) b = m; else a = m + 1;
+    }
+    for (int64_t j = a; j < count && lo < hi; j++) {
+        const int64_t end = start[j + 1] < hi ? start[j + 1] : hi;
+        const uint64_t *r = meta + DG_META * j;
+        if (end > lo)
+            run_segment((void *)(uintptr_t)r[0], (int32_t)r[2], lo - start[j], end - start[j],
+                        (uint32_t)r[3], (uint32_t)(r[3] >> 32), r[4], scales[j], r[5]);
+        lo = end;
+    }
+}
+
+/* Mask `count` tensors in one call. meta holds DG_META words per tensor:
+ * data pointer, numel, dtype code, key (k0 | k1 << 32), threshold, element
+ * offset; scales one double per tensor. Work is split over the concatenation
+ * of all tensors in DG_CHUNK-element pieces, so many small tensors cost one
+ * parallel region, not one each; the result does not depend on nthreads.
+ * Returns 0, or -1 on a bad dtype code or allocation failure (nothing written). */
+int dropgrad_mask_grouped(int64_t count, const uint64_t *meta, const double *scales, int nthreads) {
+    if (count <= 0) return 0;
+    int64_t *start = (int64_t *)malloc((size_t)(count + 1) * sizeof(int64_t));
+    if (!start) return -1;
+    start[0] = 0;
+    for (int64_t j = 0; j < count; j++) {
+        const uint64_t *r = meta + DG_META * j;
+        if (r[2] > DG_BF16 || r[1] > (uint64_t)INT64_MAX - (uint64_t)start[j]) { free(start); return -1; }
+        start[j + 1] = start[j] + (int64_t)r[1];
+    }
+    const int64_t total = start[count];
+    const int64_t nchunks = (total + DG_CHUNK - 1) / DG_CHUNK;
+    if (nthreads < 1 || total < DG_MIN_PARALLEL) nthreads = 1;
+    if (nthreads > nchunks) nthreads = (int)(nchunks > 0 ? nchunks : 1);
+    if (nthreads == 1) {
+        run_range(count, meta, scales, start, 0, total);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+#endif
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t lo = c * DG_CHUNK;
+            run_range(count, meta, scales, start, lo, lo + DG_CHUNK < total ? lo + DG_CHUNK : total);
+        }
+    }
+    free(start);
+    return 0;
+}
+
+/* Keep bits only (1 = kept), for tests and tools: out[i] for elements offset .. offset + n - 1. */
+void dropgrad_keep_bits(uint8_t *out, int64_t n, uint32_t k0, uint32_t k1, uint64_t threshold, uint64_t offset) {
+    const int all = threshold >= 0x100000000ull;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t idx = offset + (uint64_t)i;
+        const uint32_t c1 = (uint32_t)(idx >> 32) + k1;
+        out[i] = all ? 1 : (uint8_t)keep_bit((uint32_t)idx, k0, c1 ^ (c1 >> 16), (uint32_t)threshold);
+    }
+}
+
+/* Counts of elements offset .. offset + n - 1 whose hash is below each of
+ * four thresholds (each < 2^32). No memory traffic: a full aligned 2^32 block,
+ * where each count must equal its threshold exactly (for a fixed high word
+ * the hash is a bijection of the low word), takes about a second. */
+DG_CLONES static void count_run(uint32_t lo, int64_t n, uint32_t k0, uint32_t c1x, const uint32_t *t, uint64_t *acc) {
+    uint32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0; /* n <= DG_CHUNK, no overflow */
+    uint32_t x = lo;
+    for (int64_t i = 0; i < n; i++, x++) {
+        uint32_t h = x ^ k0;
+        h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u;
+        h ^= c1x;
+        h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+        c0 += h < t[0]; c1 += h < t[1]; c2 += h < t[2]; c3 += h < t[3];
+    }
+    acc[0] += c0; acc[1] += c1; acc[2] += c2; acc[3] += c3;
+}
+
+void dropgrad_count_below4(int64_t n, uint32_t k0, uint32_t k1, uint64_t offset, const uint32_t *thresholds,
+                           uint64_t *counts, int nthreads) {
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    const int64_t nchunks = (n + DG_CHUNK - 1) / DG_CHUNK;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) reduction(+ : a0, a1, a2, a3)
+#endif
+    for (int64_t c = 0; c < nchunks; c++) {
+        uint64_t acc[4] = {0, 0, 0, 0};
+        int64_t i = c * DG_CHUNK;
+        const int64_t stop = i + DG_CHUNK < n ? i + DG_CHUNK : n;
+        while (i < stop) {
+            const uint64_t idx = offset + (uint64_t)i;
+            const uint32_t lo = (uint32_t)idx, c1 = (uint32_t)(idx >> 32) + k1;
+            int64_t m = stop - i;
+            if ((uint64_t)m > 0x100000000ull - lo) m = (int64_t)(0x100000000ull - lo);
+            count_run(lo, m, k0, c1 ^ (c1 >> 16), thresholds, acc);
+            i += m;
+        }
+        a0 += acc[0]; a1 += acc[1]; a2 += acc[2]; a3 += acc[3];
+    }
+    counts[0] = a0; counts[1] = a1; counts[2] = a2; counts[3] = a3;
+}
+
+int dropgrad_abi_version(void) { return 2; }
+
+int dropgrad_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

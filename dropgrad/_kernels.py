@@ -1,0 +1,321 @@
+"""Fused mask kernel: the reference kernel's result in one pass over memory.
+
+:func:`fused_drop_grad_` has the signature of
+:func:`dropgrad.functional._single_tensor_drop_grad_` and the same output bit
+for bit. The work is done by a small C file (``_csrc/masks.c``, no torch
+headers) that is compiled at first use with the system C compiler into a cache
+directory and loaded through :mod:`ctypes`; ``pip install`` builds nothing.
+
+* One call masks all tensors of a step: the C side splits the concatenation of
+  all tensors into 64K-element chunks over ``torch.get_num_threads()`` OpenMP
+  threads, so 161 small tensors cost one parallel region.
+* A tensor the kernel cannot serve (not a plain contiguous CPU tensor of
+  float32/float64/float16/bfloat16, or one that requires grad) goes to the
+  reference kernel; so does everything when no compiler works or
+  ``DROPGRAD_DISABLE_FUSED=1``. With ``strict=True`` that is an error instead.
+* The build (about 0.3 s with gcc, once per machine and source version) is
+  keyed by a hash of the source, compiler and flags, written to a temporary
+  file and renamed into place, so concurrent processes never load a half
+  written library. ``DROPGRAD_CACHE_DIR`` overrides the cache location
+  (default ``$XDG_CACHE_HOME/dropgrad`` or ``~/.cache/dropgrad``), ``CC`` the
+  compiler.
+* Under ``torch.compile`` the call is excluded from tracing (a graph break).
+* CUDA tensors use the reference kernel, which runs on the device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .functional import _single_tensor_drop_grad_
+
+__all__ = ["fused_drop_grad_", "available", "unavailable_reason", "keep_bits", "count_kept", "build_info"]
+
+_SOURCE = Path(__file__).with_name("_csrc") / "masks.c"
+_TWO32 = 1 << 32
+_MAX_OFFSET = (1 << 63) - 1
+_ABI_VERSION = 2
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# C flags: never -ffast-math (it changes NaN, subnormal and rounding behaviour).
+_BASE_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None  # why the fused kernel is unavailable (None: not tried yet or fine)
+_build_info: dict = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("DROPGRAD_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dropgrad"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    parts = cc.split()
+    if not parts:
+        return None
+    return cc if shutil.which(parts[0]) else None
+
+
+def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> tuple[bool, str]:
+    cmd = cc.split() + flags + [str(src), "-o", str(out)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"{' '.join(cmd)}: {exc}"
+    if res.returncode != 0:
+        return False, f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()[:500]}"
+    return True, ""
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse) and load the shared library; raise RuntimeError on failure."""
+    if os.environ.get("DROPGRAD_DISABLE_FUSED", "") not in ("", "0"):
+        raise RuntimeError("disabled by DROPGRAD_DISABLE_FUSED")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', 'cc')!r})")
+    source = _SOURCE.read_bytes()
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    directory = _cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise OSError(f"{directory} is not writable")
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"dropgrad-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        directory.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    # OpenMP first; a compiler without it (Apple clang) still gives a one-thread kernel.
+    for flags in (_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS):
+        tag = hashlib.sha256(
+            b"\0".join([source, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), sys.platform.encode()])
+        ).hexdigest()[:16]
+        path = directory / f"masks-{tag}{suffix}"
+        lib = _load_or_compile(cc, flags, path, errors)
+        if lib is not None:
+            return lib
+    raise RuntimeError("could not build the fused mask kernel: " + " | ".join(errors))
+
+
+def _load_or_compile(cc: str, flags: list[str], path: Path, errors: list[str]) -> ctypes.CDLL | None:
+    # a cached library that fails to load (truncated, wrong ABI) is rebuilt once
+    for _attempt in range(2):
+        t0 = time.perf_counter()
+        built = False
+        if not path.exists():
+            # compile beside the target, then rename: a reader never sees a partial file
+            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+            os.close(fd)
+            ok, err = _compile(cc, _SOURCE, Path(tmp), flags)
+            if not ok:
+                os.unlink(tmp)
+                errors.append(err)
+                return None
+            os.replace(tmp, path)
+            built = True
+        try:
+            lib = ctypes.CDLL(str(path))
+            if lib.dropgrad_abi_version() != _ABI_VERSION:
+                raise OSError("ABI version mismatch")
+        except (OSError, AttributeError) as exc:
+            errors.append(f"loading {path}: {exc}")
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            continue
+        _declare(lib)
+        _build_info.update(
+            path=str(path), compiler=cc, flags=" ".join(flags), built=built,
+            seconds=time.perf_counter() - t0, openmp="-fopenmp" in flags,
+        )
+        return lib
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p = ctypes.c_void_p
+    lib.dropgrad_mask_grouped.argtypes = [ctypes.c_int64, p, p, ctypes.c_int]
+    lib.dropgrad_mask_grouped.restype = ctypes.c_int
+    lib.dropgrad_keep_bits.argtypes = [p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint64]
+    lib.dropgrad_keep_bits.restype = None
+    lib.dropgrad_count_below4.argtypes = [ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64, p, p, ctypes.c_int]
+    lib.dropgrad_count_below4.restype = None
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None (with a reason) if impossible."""
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _reason is None:
+            try:
+                _lib = _build()
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the reference
+                _reason = str(exc) or type(exc).__name__
+    return _lib
+
+
+def available() -> bool:
+    """Whether the fused CPU kernel can run here (builds it on first call)."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False, or None."""
+    _library()
+    return _reason
+
+
+def build_info() -> dict:
+    """Where the kernel was loaded from, the flags, and how long the build or load took."""
+    _library()
+    return dict(_build_info)
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library so that the next call rebuilds (tests of the build logic)."""
+    global _lib, _reason
+    with _lock:
+        _lib, _reason = None, None
+        _build_info.clear()
+
+
+def _unsupported(g: torch.Tensor) -> str | None:
+    # Everything the C loop assumes, checked per tensor; a reason routes it to the reference.
+    if type(g) is not torch.Tensor:
+        return f"a {type(g).__name__} subclass"
+    if not g.is_cpu:
+        return f"on device {g.device}"
+    if g.layout != torch.strided:
+        return f"of layout {g.layout}"
+    if g.dtype not in _DTYPE_CODES:
+        return f"of dtype {g.dtype}"
+    if g.requires_grad:
+        return "requiring grad (the reference records the multiply for autograd)"
+    if not g.is_contiguous():
+        return "not contiguous"
+    if g.is_neg():
+        return "a lazy negative view"
+    return None
+
+
+@torch.compiler.disable
+def fused_drop_grad_(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[tuple[int, int]],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    strict: bool = False,
+) -> None:
+    """Mask tensors in place with the fused kernel; same contract and output as the reference.
+
+    Element ``i`` of ``grads[j]`` is kept iff
+    ``hash32(keys[j], offsets[j] + i) < thresholds[j]`` and then multiplied by
+    ``scales[j]``; dropped elements are multiplied by zero. Tensors must not
+    share memory with each other.
+
+    Args:
+        strict: raise instead of falling back to the reference kernel for a
+            tensor (or a machine) the fused kernel cannot serve.
+    """
+    n = len(grads)
+    if not (len(keys) == len(thresholds) == len(scales) == len(offsets) == n):
+        raise ValueError(
+            f"grads, keys, thresholds, scales and offsets must have equal lengths, got "
+            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}, {len(offsets)}"
+        )
+    lib = _library()
+    if lib is None:
+        if strict:
+            raise RuntimeError(f"impl='fused' was requested but the fused mask kernel is unavailable: {_reason}")
+        return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
+
+    meta, scs = array("Q"), array("d")  # per tensor: the record dropgrad_mask_grouped reads
+    rest = []  # indices the reference kernel handles
+    codes = _DTYPE_CODES
+    for j, (g, key, thr, scale, off) in enumerate(zip(grads, keys, thresholds, scales, offsets)):
+        numel = g.numel()
+        if numel == 0 or (thr >= _TWO32 and scale == 1.0):
+            continue  # the reference leaves these untouched too
+        code = codes.get(g.dtype)
+        # the cheap checks first; _unsupported() names the reason only when one fails
+        if (
+            code is None
+            or type(g) is not torch.Tensor
+            or not g.is_cpu
+            or g.requires_grad
+            or g.layout is not torch.strided
+            or not g.is_contiguous()
+            or g.is_neg()
+            or not 0 <= off <= _MAX_OFFSET - numel
+        ):
+            if strict:
+                why = _unsupported(g) or f"with element offset {off} outside [0, 2**63 - numel]"
+                raise RuntimeError(f"impl='fused' cannot mask grads[{j}]: it is {why}")
+            rest.append(j)
+            continue
+        meta.extend((g.data_ptr(), numel, code, key[0] | (key[1] << 32), min(max(int(thr), 0), _TWO32), off))
+        scs.append(scale)
+
+    if scs:
+        rc = lib.dropgrad_mask_grouped(len(scs), meta.buffer_info()[0], scs.buffer_info()[0], torch.get_num_threads())
+        if rc != 0:  # validation happens before any write, so nothing is half masked
+            raise RuntimeError(f"dropgrad fused mask kernel failed with code {rc}")
+    if rest:
+        _single_tensor_drop_grad_(
+            [grads[j] for j in rest], [keys[j] for j in rest], [thresholds[j] for j in rest],
+            [scales[j] for j in rest], [offsets[j] for j in rest],
+        )
+
+
+def keep_bits(numel: int, key: tuple[int, int], threshold: int, offset: int = 0) -> torch.Tensor:
+    """The keep mask from the C kernel as a bool tensor (for tests; mirrors :func:`dropgrad.masks.keep_mask`)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused mask kernel is unavailable: {_reason}")
+    out = torch.empty(numel, dtype=torch.uint8)
+    lib.dropgrad_keep_bits(out.data_ptr(), numel, key[0], key[1], min(max(int(threshold), 0), _TWO32), offset)
+    return out.bool()
+
+
+def count_kept(numel: int, key: tuple[int, int], thresholds: Sequence[int], offset: int = 0) -> list[int]:
+    """How many of elements ``offset .. offset + numel - 1`` each threshold keeps (no memory used).
+
+    For tests of the keep probability: over an aligned block of ``2**32``
+    elements the count equals the threshold exactly.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused mask kernel is unavailable: {_reason}")
+    counts = []
+    for i in range(0, len(thresholds), 4):
+        part = [min(max(int(t), 0), _TWO32) for t in thresholds[i : i + 4]]
+        thr = array("I", [min(t, _TWO32 - 1) for t in part] + [0] * (4 - len(part)))
+        out = array("Q", [0] * 4)
+        lib.dropgrad_count_below4(
+            numel, key[0], key[1], offset, thr.buffer_info()[0], out.buffer_info()[0], torch.get_num_threads()
+        )
+        counts += [numel if t >= _TWO32 else c for t, c in zip(part, out)]
+    return counts
