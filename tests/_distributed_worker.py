@@ -344,7 +344,8 @@ def comm_hook(strict_bitwise: bool = True):
         rates = {named["module.2.bias"]: 0.0, named["module.0.weight"]: 0.9}  # a rate-0 parameter, a high one
         return DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5, params=rates, seed=11)
 
-    for ddp_kw, micro, no_sync in [({}, 1, True), ({"bucket_cap_mb": 0.001}, 2, True), ({}, 2, False)]:
+    variants = [({}, 1, True), ({"bucket_cap_mb": 0.001}, 2, True), ({"gradient_as_bucket_view": True}, 2, False)]
+    for ddp_kw, micro, no_sync in variants:
         ref_model, _, _ = ddp_run(steps, opt_fn, micro=micro, use_no_sync=no_sync, model_fn=wide, ddp_kw=ddp_kw)
         model, opt, state = ddp_run(steps, opt_fn, micro=micro, use_no_sync=no_sync, model_fn=wide, ddp_kw=ddp_kw,
                                     hook=True)
