@@ -318,6 +318,42 @@ class DropGrad(torch.optim.Optimizer):
         key = _masks.derive_key(self.seed, self._step_count, 0, _masks.FULL_UPDATE_STREAM)
         return _masks.hash32(key, 0) < int(round(q * _TWO32))
 
+    # The bookkeeping around the wrapped step (rates, the full-update coin, mask
+    # keys: Python-int hashing of counters) runs outside torch.compile. Traced, the
+    # counters become guarded constants or symbolic ints: every step recompiled,
+    # and the step count and the full-update coin were silently frozen. Kept
+    # eager, a compiled train step still compiles the wrapped optimizer's step.
+    @torch._disable_dynamo
+    def _begin_step(self, mask_now: bool) -> bool:
+        if not self._seed_agreed:
+            _distributed._agree_seed_if_distributed(self)
+        cache: dict[int, float] = {}
+        self._pending_plan = self._plan(cache)
+        self._pending_evaluations = itertools.count()
+        skip = self._skip_this_step(cache)
+        if mask_now and not skip:
+            self._mask_gradients(self._pending_plan, 0)
+        return skip
+
+    @torch._disable_dynamo
+    def _mask_closure_gradients(self) -> None:
+        self._mask_gradients(self._pending_plan, next(self._pending_evaluations))
+
+    @torch._disable_dynamo
+    def _end_step(self, skip: bool) -> None:
+        self._pending_plan = None
+        if skip and hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
+            # an LR scheduler built on the wrapped optimizer tracks its step calls;
+            # a deliberate skip is still a step, so don't let it warn about order
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        self.last_step_skipped = skip
+        self._step_count += 1
+        seen: set[int] = set()
+        for _, sched in self._schedules():
+            if id(sched) not in seen:
+                seen.add(id(sched))
+                sched.step()
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask the gradients, then step the wrapped optimizer (or skip the step).
 
@@ -326,40 +362,24 @@ class DropGrad(torch.optim.Optimizer):
         A step skipped by full update drop still evaluates the closure and
         returns its loss, but leaves parameters and optimizer state untouched.
         """
-        if not self._seed_agreed:
-            _distributed._agree_seed_if_distributed(self)
-        cache: dict[int, float] = {}
-        plan = self._plan(cache)
-        skip = self._skip_this_step(cache)
+        skip = self._begin_step(mask_now=closure is None)
         if skip:
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            # an LR scheduler built on the wrapped optimizer tracks its step calls;
-            # a deliberate skip is still a step, so don't let it warn about order
-            if hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
-                self.optimizer._opt_called = True  # type: ignore[attr-defined]
         elif closure is None:
-            self._mask_gradients(plan, 0)
             loss = self.optimizer.step()  # attribute lookup: schedulers patch it
         else:
-            evaluations = itertools.count()
 
             def masked_closure():
                 with torch.enable_grad():
                     result = closure()
-                self._mask_gradients(plan, next(evaluations))
+                self._mask_closure_gradients()
                 return result
 
             loss = self.optimizer.step(masked_closure)
-        self.last_step_skipped = skip
-        self._step_count += 1
-        seen: set[int] = set()
-        for _, sched in self._schedules():
-            if id(sched) not in seen:
-                seen.add(id(sched))
-                sched.step()
+        self._end_step(skip)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
