@@ -150,6 +150,8 @@ class DropGrad(torch.optim.Optimizer):
         self.seed = int(seed)
         self._step_count = 0
         self.last_step_skipped = False
+        # (step, skipped, default rate, [(param index, masked numel, rate)]) of the last step, for stats()
+        self._last_step_record: tuple[int, bool, float | None, list[tuple[int, int, float]]] | None = None
 
         for i, group in enumerate(self.param_groups):
             if "drop_rate" in group:
@@ -260,6 +262,49 @@ class DropGrad(torch.optim.Optimizer):
         cache: dict[int, float] = {}
         return [rate for _, _, rate in self._plan(cache)]
 
+    def stats(self, exact: bool = False) -> dict[str, Any]:
+        """Statistics of the last step, to log: rates, share of dropped elements, skip.
+
+        Returns a dict with ``step`` (the step's index, ``step_count - 1``),
+        ``skipped`` (full update drop skipped it), ``drop_rate`` (the default rate
+        in force, or None), ``min_drop_rate``/``max_drop_rate`` and
+        ``expected_dropped_fraction`` (numel-weighted mean rate) over the
+        parameters that had a gradient, and ``dropped_fraction``: with
+        ``exact=True``, the share of those gradient elements the masks zeroed,
+        recounted from the counters (one pass over the elements; the first
+        closure evaluation's masks), else None. On a skipped step no masks were
+        applied: ``dropped_fraction`` is None and the update was dropped whole.
+        Before the first step every value is None (``skipped`` False).
+        """
+        record = getattr(self, "_last_step_record", None)
+        if record is None:
+            return {"step": None, "skipped": False, "drop_rate": None, "min_drop_rate": None,
+                    "max_drop_rate": None, "expected_dropped_fraction": None, "dropped_fraction": None}
+        step, skipped, default, sizes = record
+        total = sum(n for _, n, _ in sizes)
+        rates = [rate for _, _, rate in sizes]
+        dropped = None
+        if exact and not skipped and total:
+            zeros = 0
+            for index, n, rate in sizes:
+                threshold = _masks.keep_threshold(rate)
+                if rate == 0.0:
+                    continue
+                key = _masks.derive_key(self.seed, step, index, _masks.MASKS_STREAM)
+                chunk = 1 << 22  # bounds the int64 temporaries of the hash
+                for start in range(0, n, chunk):
+                    zeros += int((_masks.hash_tensor(min(chunk, n - start), key, start) >= threshold).sum())
+            dropped = zeros / total
+        return {
+            "step": step,
+            "skipped": skipped,
+            "drop_rate": default,
+            "min_drop_rate": min(rates) if rates else None,
+            "max_drop_rate": max(rates) if rates else None,
+            "expected_dropped_fraction": sum(n * rate for _, n, rate in sizes) / total if total else None,
+            "dropped_fraction": dropped,
+        }
+
     def _plan(self, cache: dict[int, float]) -> list[tuple[int, torch.Tensor, float]]:
         step = self._step_count
         default = evaluate_rate(self._drop_rate, step, cache)
@@ -330,6 +375,7 @@ class DropGrad(torch.optim.Optimizer):
         cache: dict[int, float] = {}
         self._pending_plan = self._plan(cache)
         self._pending_evaluations = itertools.count()
+        self._pending_default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
         skip = self._skip_this_step(cache)
         if mask_now and not skip:
             self._mask_gradients(self._pending_plan, 0)
@@ -341,6 +387,12 @@ class DropGrad(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def _end_step(self, skip: bool) -> None:
+        sizes = []
+        for index, p, rate in self._pending_plan:
+            g = p.grad
+            if g is not None:
+                sizes.append((index, g._values().numel() if g.is_sparse else p.numel(), rate))
+        self._last_step_record = (self._step_count, skip, self._pending_default, sizes)
         self._pending_plan = None
         if skip and hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
             # an LR scheduler built on the wrapped optimizer tracks its step calls;
