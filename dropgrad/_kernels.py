@@ -13,7 +13,7 @@ directory and loaded through :mod:`ctypes`; ``pip install`` builds nothing.
   float32/float64/float16/bfloat16, or one that requires grad) goes to the
   reference kernel; so does everything when no compiler works or
   ``DROPGRAD_DISABLE_FUSED=1``. With ``strict=True`` that is an error instead.
-* The build (about 0.3 s with gcc, once per machine and source version) is
+* The build (about 1 s with gcc, once per machine and source version) is
   keyed by a hash of the source, compiler and flags, written to a temporary
   file and renamed into place, so concurrent processes never load a half
   written library. ``DROPGRAD_CACHE_DIR`` overrides the cache location
@@ -220,6 +220,14 @@ def _unsupported(g: torch.Tensor) -> str | None:
     return None
 
 
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.2 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 @torch.compiler.disable
 def fused_drop_grad_(
     grads: Sequence[torch.Tensor],
@@ -253,6 +261,7 @@ def fused_drop_grad_(
         return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
 
     meta, scs = array("Q"), array("d")  # per tensor: the record dropgrad_mask_grouped reads
+    served = []  # tensors the C kernel writes
     rest = []  # indices the reference kernel handles
     codes = _DTYPE_CODES
     for j, (g, key, thr, scale, off) in enumerate(zip(grads, keys, thresholds, scales, offsets)):
@@ -277,12 +286,14 @@ def fused_drop_grad_(
             rest.append(j)
             continue
         meta.extend((g.data_ptr(), numel, code, key[0] | (key[1] << 32), min(max(int(thr), 0), _TWO32), off))
-        scs.append(scale)
+        scs.append(float(scale))
+        served.append(g)
 
     if scs:
         rc = lib.dropgrad_mask_grouped(len(scs), meta.buffer_info()[0], scs.buffer_info()[0], torch.get_num_threads())
         if rc != 0:  # validation happens before any write, so nothing is half masked
             raise RuntimeError(f"dropgrad fused mask kernel failed with code {rc}")
+        _bump_versions(served)  # as g.mul_ would: autograd then sees the in-place change
     if rest:
         _single_tensor_drop_grad_(
             [grads[j] for j in rest], [keys[j] for j in rest], [thresholds[j] for j in rest],

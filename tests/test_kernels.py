@@ -247,6 +247,15 @@ def test_unsupported_tensors_fall_back_per_tensor():
 
 
 @needs_fused
+def test_fused_kernel_bumps_version_counters():
+    # autograd's in-place checks must see the write, as they see the reference's g.mul_
+    grads = [torch.randn(1000), torch.randn(10)]
+    before = [g._version for g in grads]
+    _kernels.fused_drop_grad_(grads, [(1, 2), (3, 4)], [1 << 31] * 2, [2.0] * 2, [0, 0], strict=True)
+    assert [g._version for g in grads] == [v + 1 for v in before]
+
+
+@needs_fused
 def test_dispatcher_uses_fused_kernel_and_matches_reference(monkeypatch):
     calls = []
     real = _kernels.fused_drop_grad_

@@ -1,0 +1,323 @@
+"""Benchmark of gradient masks and of DropGrad(AdamW) steps (issue 4's table).
+
+Run from the repository root::
+
+    python benchmarks/bench_masks.py            # the full table (a few minutes on 2 cores)
+    python benchmarks/bench_masks.py --quick    # fewer repetitions, for a smoke run
+
+Prints one markdown table: for each parameter set, drop rate and thread count,
+the median time per step (ms) of
+
+* floor: one in-place pass over all gradients, ``g.mul_(c)`` (the memory floor);
+* obvious: ``g.mul_(torch.bernoulli(torch.full_like(g, 1-p))).div_(1-p)`` per tensor;
+* reference / fast: ``dropgrad.functional.apply_masks_`` with ``impl="reference"``
+  and ``impl="fused"`` (keys precomputed: the kernel alone);
+* bare AdamW steps (default, foreach, fused) and ``DropGrad(AdamW)`` steps
+  (everything the wrapper does per step: keys, rates, masks, the step);
+
+with the ratios fast/floor, obvious/fast and DropGrad(AdamW)/AdamW. Every
+figure is a median over repeated runs after warm-up, in this one process;
+gradients are restored from a pristine copy before each timed run (untimed),
+so repeated masking never drives values to zero or infinity. Below the table:
+peak extra memory per step (from torch's CPU allocator, via the profiler's
+memory events) and the fused kernel's one-time build/load cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dropgrad import _kernels, masks  # noqa: E402
+from dropgrad.functional import apply_masks_  # noqa: E402
+
+try:
+    from dropgrad import DropGrad  # noqa: E402
+except ImportError:  # the wrapper is optional for the kernel rows
+    DropGrad = None
+
+
+# ------------------------------------------------------------ parameter sets
+
+
+def flat_set() -> list[tuple[int, ...]]:
+    return [(10_000_000,)]
+
+
+def transformer_set(d: int = 320, layers: int = 8, vocab: int = 500, context: int = 256) -> list[tuple[int, ...]]:
+    """A GPT-like stack: embeddings, then per layer LN, fused QKV, projection, LN, MLP (weights and biases)."""
+    shapes = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def resnet50_set() -> list[tuple[int, ...]]:
+    """torchvision's resnet50 parameter shapes: 161 tensors, 25,557,032 elements."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+            inplanes = 4 * width
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+SETS = {"flat 10M": flat_set, "transformer-like": transformer_set, "ResNet-50-like": resnet50_set}
+
+
+# ------------------------------------------------------------------ timing
+
+
+def median_ms(fn, restore, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        restore()
+        t0 = time.perf_counter()
+        fn()
+        if time.perf_counter() - t0 > 0.5:
+            reps = min(reps, 3)  # the slow rows (reference path, obvious mask) need fewer runs
+    times = []
+    for _ in range(reps):
+        restore()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    # the profiler prints start/stop lines on fd 2
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn()``, above what was held before."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        finally:
+            os.unlink(path)
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in mem) - start)
+
+
+# ------------------------------------------------------------------- rows
+
+
+def make_grads(shapes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    pristine = [torch.randn(s, generator=gen) for s in shapes]
+    return pristine, [g.clone() for g in pristine]
+
+
+def bench_config(shapes, p: float, reps: int, warmup: int) -> dict[str, float]:
+    pristine, grads = make_grads(shapes)
+    n = len(grads)
+
+    def restore():
+        for g, src in zip(grads, pristine):
+            g.copy_(src)
+
+    keys = [masks.derive_key(0, 1, j) for j in range(n)]
+    thr = [masks.keep_threshold(p)] * n
+    scales = [1.0 / (1.0 - p)] * n
+    offsets = [0] * n
+    row: dict[str, float] = {}
+
+    def floor():
+        for g in grads:
+            g.mul_(-1.0)
+
+    def obvious():
+        for g in grads:
+            g.mul_(torch.bernoulli(torch.full_like(g, 1 - p))).div_(1 - p)
+
+    row["floor"] = median_ms(floor, restore, reps, warmup)
+    row["obvious"] = median_ms(obvious, restore, reps, warmup)
+    row["reference"] = median_ms(lambda: apply_masks_(grads, keys, thr, scales, offsets, impl="reference"), restore, reps, warmup)
+    row["fast"] = median_ms(lambda: apply_masks_(grads, keys, thr, scales, offsets, impl="fused"), restore, reps, warmup)
+
+    for variant, kwargs in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        for prm, g in zip(params, grads):
+            prm.grad = g
+        bare = torch.optim.AdamW(params, lr=1e-3, **kwargs)
+        row[f"adamw {variant}"] = median_ms(bare.step, restore, reps, warmup)
+        if DropGrad is not None:
+            wrapped = DropGrad(torch.optim.AdamW(params, lr=1e-3, **kwargs), drop_rate=p, seed=0)
+            row[f"dropgrad {variant}"] = median_ms(wrapped.step, restore, reps, warmup)
+    return row
+
+
+def memory_rows(shapes, p: float) -> dict[str, int]:
+    pristine, grads = make_grads(shapes)
+    n = len(grads)
+    keys = [masks.derive_key(0, 1, j) for j in range(n)]
+    args = (keys, [masks.keep_threshold(p)] * n, [1.0 / (1.0 - p)] * n, [0] * n)
+    out = {
+        "floor": peak_extra_bytes(lambda: [g.mul_(-1.0) for g in grads]),
+        "obvious": peak_extra_bytes(lambda: [g.mul_(torch.bernoulli(torch.full_like(g, 1 - p))).div_(1 - p) for g in grads]),
+        "reference": peak_extra_bytes(lambda: apply_masks_(grads, *args, impl="reference")),
+        "fast": peak_extra_bytes(lambda: apply_masks_(grads, *args, impl="fused")),
+    }
+    if DropGrad is not None:
+        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        for prm, g in zip(params, grads):
+            prm.grad = g
+        bare = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        bare.step()  # state allocated before measuring
+        wrapped = DropGrad(torch.optim.AdamW(params, lr=1e-3, fused=True), drop_rate=p, seed=0)
+        wrapped.step()
+        out["adamw fused"] = peak_extra_bytes(bare.step)
+        out["dropgrad fused"] = peak_extra_bytes(wrapped.step)
+    return out
+
+
+def warmup_costs() -> dict[str, float]:
+    """The fused kernel's one-time costs: a cold build into an empty cache, a load from the cache, a first call."""
+    saved = os.environ.get("DROPGRAD_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DROPGRAD_CACHE_DIR"] = tmp
+        try:
+            _kernels._reset_for_tests()
+            t0 = time.perf_counter()
+            ok = _kernels.available()
+            cold = time.perf_counter() - t0
+            _kernels._reset_for_tests()
+            t0 = time.perf_counter()
+            _kernels.available()
+            cached = time.perf_counter() - t0
+            g = torch.randn(1000)
+            t0 = time.perf_counter()
+            apply_masks_([g], [(1, 2)], [1 << 31], [2.0], [0], impl="fused" if ok else None)
+            first = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("DROPGRAD_CACHE_DIR", None)
+            else:
+                os.environ["DROPGRAD_CACHE_DIR"] = saved
+            _kernels._reset_for_tests()
+            _kernels.available()
+    return {"cold build + load (s)": cold, "load from cache (s)": cached, "first call after load (s)": first}
+
+
+# ------------------------------------------------------------------- main
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _load() -> str:
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 timed runs after 1 warm-up instead of 7 after 2")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default: 1 2)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.5], help="drop rates (default: 0.1 0.5)")
+    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="parameter sets (default: all)")
+    args = ap.parse_args()
+    reps, warmup = (3, 1) if args.quick else (7, 2)
+
+    if not _kernels.available():
+        print(f"WARNING: fused kernel unavailable ({_kernels.unavailable_reason()}); 'fast' is the reference path")
+    costs = warmup_costs()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"# dropgrad mask benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}")
+    print(
+        f"# {cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; python {platform.python_version()}; "
+        f"{_kernels.build_info().get('compiler', 'no compiler')} {_kernels.build_info().get('flags', '')}"
+    )
+    print(f"# medians of {reps} runs (3 for rows slower than 0.5 s) after {warmup} warm-up, ms per step; {_load()} at start")
+    print()
+    head = [
+        "set", "tensors", "elements", "p", "thr", "floor", "obvious", "reference", "fast",
+        "fast/floor", "obvious/fast",
+        "AdamW", "DG(AdamW)", "ratio", "AdamW foreach", "DG(foreach)", "ratio", "AdamW fused", "DG(fused)", "ratio",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    saved_threads = torch.get_num_threads()
+    for name in args.sets:
+        shapes = SETS[name]()
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        for p in args.rates:
+            for nt in args.threads:
+                torch.set_num_threads(nt)
+                r = bench_config(shapes, p, reps, warmup)
+                cells = [
+                    name, str(len(shapes)), f"{numel / 1e6:.1f}M", f"{p:g}", str(nt),
+                    _fmt(r["floor"]), _fmt(r["obvious"]), _fmt(r["reference"]), _fmt(r["fast"]),
+                    f"{r['fast'] / r['floor']:.2f}x", f"{r['obvious'] / r['fast']:.0f}x",
+                ]
+                for variant in ("default", "foreach", "fused"):
+                    bare = r[f"adamw {variant}"]
+                    dg = r.get(f"dropgrad {variant}")
+                    cells += [_fmt(bare), _fmt(dg) if dg else "-", f"{dg / bare:.2f}x" if dg else "-"]
+                print("| " + " | ".join(cells) + " |", flush=True)
+    torch.set_num_threads(saved_threads)
+
+    print()
+    print(f"# {_load()} at end")
+    print("# peak extra memory per step (MB, torch CPU allocator; p=0.5, 2 threads):")
+    torch.set_num_threads(min(2, saved_threads))
+    for name in args.sets:
+        shapes = SETS[name]()
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        m = memory_rows(shapes, 0.5)
+        parts = [f"{k} {v / 1e6:.1f} ({v / numel:.1f} B/elem)" for k, v in m.items()]
+        print(f"#   {name}: " + ", ".join(parts))
+    torch.set_num_threads(saved_threads)
+    print("# fused kernel one-time cost: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+
+
+if __name__ == "__main__":
+    main()
