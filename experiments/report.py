@@ -281,10 +281,19 @@ def _vs_rate(g: GroupStats, path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import dataclasses
+
+    def others(c: RunConfig) -> dict:
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "seed", "drop_rate")}
+
+    base = g.settings.get(g.baseline)
+    if base is None:
+        return None
+    ref = others(base.configs[0])
     pts: dict[float, dict[str, list[float]]] = {}
     for s in g.settings.values():
         c = s.configs[0]
-        if c.schedule != "constant" or c.layer_rates or c.full_update_drop or c.grad_noise or c.lr_scale != 1.0:
+        if others(c) != ref:  # only settings that differ from the baseline in the constant drop rate alone
             continue
         for when in ("best", "final"):
             vals = [_scale(v, g.metric) for v in s.values(f"test_{g.metric}_{when}").values()]
@@ -356,7 +365,6 @@ def _robust_table(g: GroupStats) -> str:
     head = ["setting"] + [f"σ={sg:g}" for sg in sigmas]
     rows = ["| " + " | ".join(head) + " |", "|---" + "|--:" * len(sigmas) + "|"]
     base = g.settings.get(g.baseline)
-    pvals, cells = [], []
     for s in g.settings.values():
         row = [s.name]
         for sg in sigmas:
@@ -368,8 +376,6 @@ def _robust_table(g: GroupStats) -> str:
                 bv = base.values(key)
                 seeds = sorted(set(v) & set(bv))
                 p = paired_test([v[k] for k in seeds], [bv[k] for k in seeds]) if seeds else float("nan")
-                pvals.append(p)
-                cells.append((len(rows) + len(cells), len(row)))
                 txt += f" (p {_fmt_p(p)})"
             row.append(txt)
         rows.append("| " + " | ".join(row) + " |")
@@ -407,11 +413,27 @@ def _reproduce(g: GroupStats, suite: str) -> str:
     return f"python -m experiments suite {suite} --group '{g.group}' --results-dir experiments/results"
 
 
-def write_report(results_dir: str, out: str, figures: str | None = None, suites: list[str] | None = None) -> str:
-    """Write the Markdown report (and PNGs) for the published suites from ``results_dir``."""
+def write_report(
+    results_dir: str,
+    out: str,
+    figures: str | None = None,
+    suites: list[str] | None = None,
+    configs: dict[str, list[RunConfig]] | None = None,
+) -> str:
+    """Write the Markdown report (and PNGs) from ``results_dir``.
+
+    Args:
+        results_dir: folder of the JSONL results files.
+        out: path of the Markdown file.
+        figures: folder for the PNGs (default ``figures/results`` beside ``out``).
+        suites: names of the suites to report (default: the published ones).
+        configs: suite name -> its configs, instead of the named suites (for custom suites and tests).
+    """
     from .suites import DESCRIPTIONS, PUBLISHED, get_suite
 
-    suites = list(suites or PUBLISHED)
+    if configs is None:
+        configs = {name: get_suite(name) for name in (suites or PUBLISHED)}
+    suites = list(configs)
     out_dir = os.path.dirname(os.path.abspath(out))
     figures = figures or os.path.join(out_dir, "figures", "results")
     os.makedirs(figures, exist_ok=True)
@@ -451,24 +473,42 @@ def write_report(results_dir: str, out: str, figures: str | None = None, suites:
             "",
             "## Machine and running time", ""]
     for e in envs.values():
+        threads = sorted({r.config.get("threads") for r in runs.values() if r.env is e or r.env.get("cpu") == e.get("cpu")})
         doc.append(f"* {e.get('cpu')} ({e.get('cpu_count')} cores), torch {e.get('torch')}, python {e.get('python')}, "
-                   f"{e.get('torch_threads')} thread(s) per run, GPU: {e.get('cuda') or 'none'}")
+                   f"{'/'.join(map(str, threads))} thread(s) per run (`threads` in the config), GPU: {e.get('cuda') or 'none'}")
     doc.append(f"* code versions of the runs: {', '.join(commits) if commits else '–'}")
-    doc += ["", "| suite | runs finished | of | measured run time (sum, s) | command |", "|---|--:|--:|--:|---|"]
+    doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | command |", "|---|--:|--:|--:|--:|---|"]
     all_groups: dict[str, list[GroupStats]] = {}
-    total_s = 0.0
+    total_s = left_s = 0.0
+    seen: set[str] = set()
+    any_unknown = False
     for suite in suites:
-        configs = get_suite(suite)
-        groups = collect(configs, runs)
+        unknown = False
+        groups = collect(configs[suite], runs)
         all_groups[suite] = groups
-        ids = {run_id(c) for c in configs}
+        ids = {run_id(c) for c in configs[suite]}
         fin = [runs[i] for i in ids if i in runs]
         secs = sum(r.wall_s for r in fin)
-        total_s += secs
-        doc.append(f"| {suite} | {len(fin)} | {len(ids)} | {secs:.0f} | `python -m experiments suite {suite} --results-dir experiments/results` |")
-    doc += ["", f"Total measured: {total_s / 60:.0f} min of single-thread run time. Identical runs shared by two "
-            "suites are counted in each. `python -m experiments suite all --results-dir experiments/results` runs "
-            "(or resumes) everything, three seeds of every setting first.", ""]
+        # estimate what is left from the mean time of finished runs of the same group
+        est = 0.0
+        for g in groups:
+            done = [r.wall_s for s in g.settings.values() for r in s.runs.values()]
+            todo = {run_id(c) for s in g.settings.values() for c in s.configs if run_id(c) not in runs} - seen
+            seen |= todo
+            if todo and not done:
+                unknown = True
+            est += len(todo) * (float(np.mean(done)) if done else 0.0)
+        total_s += sum(r.wall_s for r in fin if r.id not in seen)
+        seen |= {r.id for r in fin}
+        left_s += est
+        any_unknown |= unknown
+        doc.append(f"| {suite} | {len(fin)} | {len(ids)} | {secs / 60:.0f} | {est / 60:.0f}{'+' if unknown else ''} | "
+                   f"`python -m experiments suite {suite} --results-dir experiments/results` |")
+    doc += ["", f"Measured so far: {total_s / 60:.0f} min of run time (each run counted once, although a run shared by "
+            f"two suites is listed under both); estimated left: {left_s / 60:.0f} min{' plus groups not started yet (+)' if any_unknown else ''}. "
+            "Times are single-thread, on a machine shared with other work, so they vary. "
+            "`python -m experiments suite all --results-dir experiments/results` runs (or resumes) everything, three "
+            "seeds of every setting first.", ""]
 
     for suite, groups in all_groups.items():
         doc += [f"## Suite `{suite}`", "", DESCRIPTIONS.get(suite, ""), ""]
@@ -495,6 +535,7 @@ def write_report(results_dir: str, out: str, figures: str | None = None, suites:
                 if p:
                     doc.append(f"![{g.group} {suffix}]({rel(p)})")
             doc.append("")
+    doc += _gpu_section()
     os.makedirs(out_dir, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(doc).rstrip() + "\n")
@@ -512,3 +553,25 @@ def _describe(c: RunConfig) -> str:
     extra = f", {int(c.label_noise * 100)}% symmetric label noise" if c.label_noise else ""
     return (f"{c.task}, {arch}, {data}{extra}, {c.epochs} epochs, batch {c.batch_size}, {c.optimizer} lr {c.lr:g}, "
             f"validation {c.val_size}")
+
+
+def _gpu_section() -> list[str]:
+    from .suites import DESCRIPTIONS, GPU_SUITES
+
+    out = ["## Larger configurations (GPU)", "",
+           "Not run on the CPU machine above; defined in `experiments/suites.py` so that a user with a GPU runs them "
+           "with one command each and gets the same tables from `python -m experiments report --results-dir DIR --suites NAME`.", ""]
+    for name, make in GPU_SUITES.items():
+        configs = make()
+        out += [f"### `{name}`", "", DESCRIPTIONS.get(name, ""), ""]
+        groups: OrderedDict[str, list[RunConfig]] = OrderedDict()
+        for c in configs:
+            groups.setdefault(c.group, []).append(c)
+        for group, cs in groups.items():
+            names = list(OrderedDict.fromkeys(c.name for c in cs))
+            out.append(f"* {group}: {_describe(cs[0])}; settings {', '.join(f'`{n}`' for n in names)}; "
+                       f"{len({c.seed for c in cs})} seeds")
+        data = " --set data_dir=/path/to/data" if any(c.task == "cifar10" for c in configs) else ""
+        out += ["", f"    python -m experiments suite {name} --results-dir experiments/results-gpu{data}",
+                f"    python -m experiments report --results-dir experiments/results-gpu --suites {name} --out docs/results-{name}.md", ""]
+    return out

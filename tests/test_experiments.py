@@ -312,6 +312,7 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
 
 
 def test_report_tables_and_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (in the test extras)")
     configs = _suite(seeds=2)
     run_suite(configs, str(tmp_path / "res"), progress=False, log=lambda *a: None)
     text = console_tables(configs, str(tmp_path / "res"))
