@@ -95,13 +95,23 @@ class GroupStats:
                 row["delta"] = float(np.mean(a) - np.mean(b))
                 row["pairs"] = len(seeds)
                 row["p"] = paired_test(a, b)
+                row["ci"] = _ci95(np.asarray(a) - np.asarray(b))
             else:
-                row["delta"], row["pairs"], row["p"] = float("nan"), 0, float("nan")
+                row["delta"], row["pairs"], row["p"], row["ci"] = float("nan"), 0, float("nan"), float("nan")
             rows.append(row)
         adj = holm([r["p"] for r in rows])
         for r, a in zip(rows, adj):
             r["p_holm"] = a
         return rows
+
+
+def _ci95(d: np.ndarray) -> float:
+    """Half-width of the 95% t-interval of the mean of the paired differences ``d``."""
+    from scipy import stats
+
+    if len(d) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / math.sqrt(len(d)))
 
 
 def _scale(x: float, metric: str) -> float:
@@ -406,6 +416,24 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 f"{label} `{r['setting']}`: {_signed(r['delta'])} {unit} vs `{g.baseline}` "
                 f"(n={r['pairs']} pairs, p={_fmt_p(r['p'])}, Holm p={_fmt_p(r['p_holm'])}): {verdict}"
             )
+    # controls: does DropGrad differ from the controls that mimic one of its effects?
+    dgs = [s for s in g.settings.values() if s.configs[0].uses_dropgrad]
+    controls = [s for s in g.settings.values() if s.configs[0].grad_noise > 0 or s.configs[0].lr_scale != 1.0]
+    key = f"test_{g.metric}_best"
+    for d in dgs:
+        for c in controls:
+            dc, cc = d.configs[0], c.configs[0]
+            matched = cc.grad_noise == dc.drop_rate or abs(cc.lr_scale - math.sqrt(1 - dc.drop_rate)) < 1e-9
+            if not matched or dc.dropout != cc.dropout or dc.weight_decay != cc.weight_decay or dc.label_smoothing != cc.label_smoothing:
+                continue
+            a, b = d.values(key), c.values(key)
+            seeds = sorted(set(a) & set(b))
+            if len(seeds) < 2:
+                continue
+            x = [_scale(a[k], g.metric) for k in seeds]
+            y = [_scale(b[k], g.metric) for k in seeds]
+            out.append(f"early-stopped `{d.name}` vs control `{c.name}`: {_signed(float(np.mean(x) - np.mean(y)))} {unit} "
+                       f"(n={len(seeds)} pairs, p={_fmt_p(paired_test(x, y))}, uncorrected)")
     return out
 
 
@@ -510,6 +538,7 @@ def write_report(
             "`python -m experiments suite all --results-dir experiments/results` runs (or resumes) everything, three "
             "seeds of every setting first.", ""]
 
+    doc += _summary(all_groups)
     for suite, groups in all_groups.items():
         doc += [f"## Suite `{suite}`", "", DESCRIPTIONS.get(suite, ""), ""]
         for g in groups:
@@ -575,3 +604,55 @@ def _gpu_section() -> list[str]:
         out += ["", f"    python -m experiments suite {name} --results-dir experiments/results-gpu{data}",
                 f"    python -m experiments report --results-dir experiments/results-gpu --suites {name} --out docs/results-{name}.md", ""]
     return out
+
+
+def _summary(all_groups: dict[str, list[GroupStats]]) -> list[str]:
+    """The headline table: every DropGrad setting against its group's baseline."""
+    out = ["## Summary: every DropGrad setting against its baseline", "",
+           "Generated from the tables below: Δ is the paired mean difference to the group's baseline with the "
+           "half-width of its 95% t-interval; better/worse is called only when the Holm-adjusted p is below 0.05. "
+           "Accuracy in percentage points (higher is better), perplexity in perplexity units (lower is better).", "",
+           "The last columns compare a combination (`dg+dropout`, say) with the same setting without DropGrad "
+           "(`dropout`): the question a user of that regularizer asks (uncorrected paired t-test, best-val epoch).", "",
+           "| suite | group | setting | n | Δ best-val epoch | Holm p | Δ final epoch | Holm p | verdict (best val) | vs without DropGrad | Δ | p |",
+           "|---|---|---|--:|--:|--:|--:|--:|---|---|--:|--:|"]
+    for suite, groups in all_groups.items():
+        for g in groups:
+            final = {r["setting"]: r for r in g.rows("final")}
+            for r in g.rows("best"):
+                c = g.settings[r["setting"]].configs[0]
+                if r["setting"] == g.baseline or not c.uses_dropgrad or not r["pairs"]:
+                    continue
+                f = final[r["setting"]]
+                good = (r["delta"] > 0) == g.higher
+                sig = not math.isnan(r["p_holm"]) and r["p_holm"] < 0.05
+                verdict = ("**better**" if good else "**worse**") if sig else "no significant difference"
+                partner, pd, pp = _versus_partner(g, r["setting"])
+                out.append(f"| {suite} | {g.group} | {r['setting']} | {r['pairs']} | {_signed(r['delta'])} ± {_fmt(r['ci'])} | "
+                           f"{_fmt_p(r['p_holm'])} | {_signed(f['delta'])} ± {_fmt(f['ci'])} | {_fmt_p(f['p_holm'])} | {verdict} | "
+                           f"{partner or '–'} | {_signed(pd)} | {_fmt_p(pp)} |")
+    return out + [""]
+
+
+def _versus_partner(g: GroupStats, name: str) -> tuple[str | None, float, float]:
+    """The setting of ``g`` equal to ``name`` without DropGrad, if it is not the baseline, and the paired Δ, p."""
+    import dataclasses
+
+    def strip(c: RunConfig) -> dict:
+        c = c.replace(drop_rate=0.0, layer_rates="", full_update_drop=0.0, schedule="constant", schedule_final=0.0)
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "seed")}
+
+    me = g.settings[name]
+    ref = strip(me.configs[0])
+    for other in g.settings.values():
+        if other.name in (name, g.baseline) or other.configs[0].uses_dropgrad or strip(other.configs[0]) != ref:
+            continue
+        key = f"test_{g.metric}_best"
+        a, b = me.values(key), other.values(key)
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            return other.name, float("nan"), float("nan")
+        x = [_scale(a[k], g.metric) for k in seeds]
+        y = [_scale(b[k], g.metric) for k in seeds]
+        return other.name, float(np.mean(x) - np.mean(y)), paired_test(x, y)
+    return None, float("nan"), float("nan")
