@@ -236,14 +236,20 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
 def _zero_owned_param_ids(optimizer: torch.optim.Optimizer) -> set[int] | None:
     """Ids of the parameters this rank steps, when ``optimizer`` is a ZeroRedundancyOptimizer.
 
-    ``None`` means "every parameter": not ZeRO, or ZeRO with
-    ``overlap_with_ddp=True`` (its local optimizer is built lazily by DDP).
+    ``None`` means "every parameter" (not ZeRO).
+
+    Raises:
+        ValueError: ZeRO with ``overlap_with_ddp=True``, which steps inside DDP's
+            backward, before ``DropGrad.step`` could mask anything.
     """
     module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
     if module is None or not isinstance(optimizer, module.ZeroRedundancyOptimizer):
         return None
     if getattr(optimizer, "_overlap_with_ddp", False):
-        return None
+        raise ValueError(
+            "DropGrad cannot wrap ZeroRedundancyOptimizer(overlap_with_ddp=True): its parameter update runs "
+            "inside DDP's backward, before DropGrad.step() could mask the gradients; use overlap_with_ddp=False"
+        )
     return {id(p) for group in optimizer.optim.param_groups for p in group["params"]}
 
 

@@ -266,6 +266,14 @@ def zero_redundancy():
     for p in model.parameters():
         changed = not torch.equal(before[id(p)], p.grad)
         assert changed == (id(p) in owned), f"owned={id(p) in owned} but masked={changed}"
+    # overlap_with_ddp steps inside backward, before DropGrad could mask: refused
+    lazy = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, overlap_with_ddp=True)
+    try:
+        DropGrad(lazy, drop_rate=0.5, seed=7).step()
+    except ValueError as exc:
+        assert "overlap_with_ddp" in str(exc), str(exc)
+    else:
+        raise AssertionError("DropGrad(ZeroRedundancyOptimizer(overlap_with_ddp=True)) was not refused")
 
 
 def fsdp2():
