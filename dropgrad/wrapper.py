@@ -514,28 +514,32 @@ class DropGrad(torch.optim.Optimizer):
                 stacklevel=2,
             )
         else:
-            self.seed = int(ours["seed"])
-            # missing (an older checkpoint): agree again at the next step, a no-op if ranks already agree
-            self._seed_agreed = bool(ours.get("seed_agreed", False))
-            self._step_count = int(ours["step"])
-            self.last_step_skipped = bool(ours["last_step_skipped"])
-            self.rescale = bool(ours["rescale"])
-            self._drop_rate = self._restore_rate(ours["drop_rate"], self._drop_rate, "drop_rate", allow_none=True)
-            if ours["full_update_drop"] == "drop_rate":
-                self._full_update_drop = "drop_rate"
-            else:
-                live = None if self._full_update_drop == "drop_rate" else self._full_update_drop
-                self._full_update_drop = self._restore_rate(ours["full_update_drop"], live, "full_update_drop")
-            self._param_rates = {
-                int(j): self._restore_rate(r, self._param_rates.get(int(j)), f"params rate of parameter {j}")
-                for j, r in ours["param_rates"].items()
-            }
-            saved = ours["schedules"]
-            for name, sched in self._schedules():
-                if name in saved:
-                    sched.load_state_dict(saved[name])
+            self._load_own_state(ours)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _load_own_state(self, ours: Mapping[str, Any]) -> None:
+        """Restore DropGrad's own part of a state dict (also used by the framework callbacks)."""
+        self.seed = int(ours["seed"])
+        # missing (an older checkpoint): agree again at the next step, a no-op if ranks already agree
+        self._seed_agreed = bool(ours.get("seed_agreed", False))
+        self._step_count = int(ours["step"])
+        self.last_step_skipped = bool(ours["last_step_skipped"])
+        self.rescale = bool(ours["rescale"])
+        self._drop_rate = self._restore_rate(ours["drop_rate"], self._drop_rate, "drop_rate", allow_none=True)
+        if ours["full_update_drop"] == "drop_rate":
+            self._full_update_drop = "drop_rate"
+        else:
+            live = None if self._full_update_drop == "drop_rate" else self._full_update_drop
+            self._full_update_drop = self._restore_rate(ours["full_update_drop"], live, "full_update_drop")
+        self._param_rates = {
+            int(j): self._restore_rate(r, self._param_rates.get(int(j)), f"params rate of parameter {j}")
+            for j, r in ours["param_rates"].items()
+        }
+        saved = ours["schedules"]
+        for name, sched in self._schedules():
+            if name in saved:
+                sched.load_state_dict(saved[name])
 
     def _check_state(self, ours: Any) -> None:
         required = {"format", "seed", "step", "last_step_skipped", "rescale", "drop_rate", "full_update_drop",
