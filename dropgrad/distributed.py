@@ -282,9 +282,6 @@ class MaskedAllreduceState:
         if not optimizer._seed_agreed:
             agree_seed(optimizer, process_group)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # DDP pickles hook states for checkpoints
-        self.__dict__.update(state)
-
     def _scratch(self, buffer: torch.Tensor) -> torch.Tensor:
         """A reused buffer like ``buffer`` (hooks run one bucket at a time in backward)."""
         scratch = getattr(self, "_scratch_buffer", None)
