@@ -143,6 +143,7 @@ def ddp_matches_single_process():
     _, opt, _ = ddp_run(steps, adam_dropgrad())
     params = flat(opt.optimizer.param_groups[0]["params"])
     assert_replicas_identical(params, "DDP params")
+    dgd.check_consistency(opt)  # same seed, step, rates everywhere: passes
     assert_close(params, reference_run(steps, adam_dropgrad()), "DDP vs single process")
     # the masks did something: the undropped run ends elsewhere
     undropped = reference_run(steps, lambda m: torch.optim.Adam(m.parameters(), lr=0.05))
