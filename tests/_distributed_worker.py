@@ -64,7 +64,7 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def assert_replicas_identical(t: torch.Tensor, what: str) -> None:
@@ -378,6 +378,31 @@ def comm_hook(strict_bitwise: bool = True):
         assert opt._premasked and max(opt._premasked.values()) == steps - 1, "the hook marked nothing"
 
 
+class Cast(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.inner = make_model(width=64).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        return self.inner(x.to(self.dtype)).float()
+
+
+def comm_hook_dtypes():
+    """bfloat16 buckets (torch's masked ops) and float64 buckets (NumPy path), bitwise vs the default."""
+    for dtype in (torch.bfloat16, torch.float64):
+        runs = []
+        for hook in (False, True):
+            opt_fn = lambda m: DropGrad(torch.optim.SGD(m.parameters(), lr=0.1), drop_rate=0.5, seed=5)  # noqa: E731
+            model, opt, state = ddp_run(3, opt_fn, model_fn=lambda: Cast(dtype), hook=hook)
+            runs.append(flat(model.parameters()))
+        assert runs[1].dtype == dtype
+        assert_replicas_identical(runs[1], f"hook params ({dtype})")
+        if not torch.equal(bits(runs[0]), bits(runs[1])):
+            raise AssertionError(f"{dtype}: hook not bitwise equal to the default all-reduce")
+        assert abs(state.bytes_sent / state.bytes_dense - 0.5) < 0.05, state.bytes_sent / state.bytes_dense
+
+
 def comm_hook_nonfinite():
     """A non-finite value in a dropped element stays visible (NaN), as with the default path."""
     model = DDP(make_model())
@@ -413,7 +438,8 @@ def comm_hook_w4():
 
 SCENARIOS = {f.__name__: f for f in [
     ddp_matches_single_process, ddp_unseeded_agree, ddp_drift_detected, mismatch_raises, no_sync_accumulation,
-    unused_parameters, zero_redundancy, fsdp2, dtensor_layouts, comm_hook, comm_hook_nonfinite, comm_hook_w4,
+    unused_parameters, zero_redundancy, fsdp2, dtensor_layouts, comm_hook, comm_hook_dtypes, comm_hook_nonfinite,
+    comm_hook_w4,
 ]}
 
 

@@ -38,6 +38,7 @@ SCENARIOS = {
         "fsdp2",
         "dtensor_layouts",
         "comm_hook",
+        "comm_hook_dtypes",
         "comm_hook_nonfinite",
     ],
     # 4 processes share 2 cores: the cases where the world size changes the layout
