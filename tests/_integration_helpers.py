@@ -49,12 +49,20 @@ def coin_skips(seed: int, step: int, q: float) -> bool:
 
 
 class GradRecorder:
-    """Records clones of the gradients an optimizer sees when its ``step`` runs (a step pre-hook)."""
+    """Records clones of the gradients an optimizer steps with.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params=None):
+    A step *post*-hook by default: with ``step(closure)`` (Lightning) the pre-hooks
+    run before the closure computes the gradients; after the step, the gradients
+    the optimizer used are still in ``.grad``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params=None, when: str = "post"):
         self.params = params
         self.seen: list[list[torch.Tensor | None]] = []
-        self.handle = optimizer.register_step_pre_hook(self._hook)
+        if when == "post":
+            self.handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._hook(opt, args, kwargs))
+        else:
+            self.handle = optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs):
         params = self.params if self.params is not None else [p for g in optimizer.param_groups for p in g["params"]]

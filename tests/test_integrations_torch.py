@@ -146,7 +146,7 @@ def test_grad_scaler_unscale_clip_dropgrad_step(fused):
     # hand it grad_scale and the base would step with scaled gradients
     assert getattr(opt, "_step_supports_amp_scaling", False) is False
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    given = GradRecorder(opt)  # what DropGrad receives: unscaled and clipped
+    given = GradRecorder(opt, when="pre")  # what DropGrad receives: unscaled and clipped
     seen = GradRecorder(inner)  # what Adam receives: masked
     for k, (x, y) in enumerate(batches(7)):
         with torch.autocast("cpu", dtype=torch.float16):
@@ -192,7 +192,7 @@ def test_clipping_after_dropgrad_bounds_the_norm_with_a_step_pre_hook():
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     inner.register_step_pre_hook(clip)
-    seen = GradRecorder(inner)  # registered after the clip hook: sees clipped, masked gradients
+    seen = GradRecorder(inner)  # after the step: the clipped, masked gradients it used
     for x, y in batches(3):
         F.mse_loss(model(x), y).backward()
         opt.step()
