@@ -321,3 +321,27 @@ def test_compiled_whole_train_step():
         inner.step()
         inner.zero_grad()
     assert max((a - b).abs().max().item() for a, b in zip(params, snapshot(model))) > 1e-3
+
+
+# ------------------------------------------------------------------ observability
+def test_stats_report_rates_the_exact_dropped_share_and_skips():
+    model = tiny_mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = DropGrad(inner, drop_rate=lambda s: 0.2 + 0.1 * s, params={model[2].bias: 0.0}, seed=SEED,
+                   full_update_drop=lambda s: 1.0 if s == 1 else 0.0)
+    assert opt.stats()["step"] is None
+    seen = GradRecorder(inner)
+    numel = sum(p.numel() for p in model.parameters())
+    for k, (x, y) in enumerate(batches(3)):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        stats = opt.stats(exact=True)
+        assert stats["step"] == k and stats["skipped"] == (k == 1)
+        assert stats["drop_rate"] == pytest.approx(0.2 + 0.1 * k)
+        assert stats["min_drop_rate"] == 0.0 and stats["max_drop_rate"] == pytest.approx(0.2 + 0.1 * k)
+        assert stats["expected_dropped_fraction"] == pytest.approx((numel - 3) * (0.2 + 0.1 * k) / numel)
+        if k == 1:
+            assert stats["dropped_fraction"] is None  # no masks on a skipped step
+        else:
+            assert stats["dropped_fraction"] == zero_share(seen.seen[-1])  # recounted = what SGD saw
+        opt.zero_grad()
