@@ -117,7 +117,9 @@ def _synchronize(optimizer: DropGrad, group: Any, adopt_seed: bool) -> None:
             "and the replicas would drift apart: " + "; ".join(diffs[:8])
             + (f"; ... ({len(diffs)} differences)" if len(diffs) > 8 else "")
             + ". Build DropGrad identically on every rank (same parameters in the same order, rates, "
-            "step count; an explicit seed= must be the same number on every rank, not seed + rank)."
+            "step count; an explicit seed= must be the same number on every rank, not seed + rank). If the "
+            "ranks hold different models on purpose (pipeline stages), agree within each data-parallel group "
+            "instead: dropgrad.distributed.agree_seed(opt, group=dp_group) before the first step."
         )
     optimizer.seed = int(reference["seed"])
     optimizer._seed_agreed = True
