@@ -246,7 +246,7 @@ def _train_images(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]
                 break
 
     final_state = copy.deepcopy(model.state_dict())
-    summary = _summarize(history, best[1], "acc", higher=True)
+    summary = _summarize(history, best[1], "acc")
     # robustness: the same noise draws (fixed generator) for every run, on CPU
     model.cpu()
     gen = torch.Generator()
@@ -259,7 +259,7 @@ def _train_images(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]
     return summary
 
 
-def _summarize(history: list[dict], best_epoch: int, metric: str, higher: bool) -> dict:
+def _summarize(history: list[dict], best_epoch: int, metric: str) -> dict:
     b, f = history[best_epoch], history[-1]
     return {
         "best_epoch": best_epoch + 1,
@@ -373,7 +373,7 @@ def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
             stale += 1
             if cfg.patience and stale >= cfg.patience:
                 break
-    return _summarize(history, best[1], "ppl", higher=False)
+    return _summarize(history, best[1], "ppl")
 
 
 def train(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, dict]:
