@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from _compat import requires_named_optimizers
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -15,6 +17,7 @@ def test_readme_has_python_examples():
     assert len(python_blocks(README.read_text())) >= 5
 
 
+@requires_named_optimizers  # the README builds optimizers from named_parameters()
 def test_readme_examples_run(capsys):
     namespace: dict = {"__name__": "readme"}
     for i, block in enumerate(python_blocks(README.read_text())):
@@ -24,6 +27,7 @@ def test_readme_examples_run(capsys):
             raise AssertionError(f"README python block {i} failed: {exc!r}\n{block}") from exc
 
 
+@requires_named_optimizers
 def test_readme_printed_lists_are_true(capsys):
     """A README line `print(...)  # [..]` states its output; check every such claim."""
     namespace: dict = {"__name__": "readme"}

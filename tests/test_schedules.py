@@ -10,6 +10,8 @@ import pickle
 import pytest
 import torch
 
+from _compat import requires_named_optimizers
+
 from dropgrad import DropGrad
 from dropgrad import schedules as S
 from dropgrad.schedules import (
@@ -538,6 +540,7 @@ class _EncDec(torch.nn.Module):
         self.decoder = torch.nn.Linear(hidden, width)
 
 
+@requires_named_optimizers
 def test_encoder_and_decoder_follow_different_schedules():
     model = _EncDec()
     enc = LinearDropRateScheduler(0.8, 0.0, 4)
@@ -642,6 +645,7 @@ def test_rate_out_of_range_raises_naming_schedule_and_step(rate, bad_step):
 # docs/schedules.md: its examples run, and every `print(...)  # output` claim holds
 # ---------------------------------------------------------------------------
 
+@requires_named_optimizers  # the docs build optimizers from named_parameters()
 def test_docs_examples_run(capsys):
     import re
     from pathlib import Path

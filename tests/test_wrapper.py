@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 
+from _compat import requires_named_optimizers
+
 from dropgrad import DropGrad, masks
 
 
@@ -135,6 +137,7 @@ def test_nan_and_inf_stay_non_finite():
     assert not torch.isfinite(seen[p]).any()
 
 
+@requires_named_optimizers
 def test_params_dict_with_names_verbatim():
     model = EncDec()
     optimizer = torch.optim.SGD(model.named_parameters(), lr=0.0)
@@ -240,7 +243,7 @@ def test_callable_rate_and_group_callable():
 def test_bad_arguments_raise_clear_errors(kwargs, exc, pattern):
     model = EncDec()
     with pytest.raises(exc, match=pattern):
-        DropGrad(torch.optim.SGD(model.named_parameters(), lr=0.1), **kwargs)
+        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), model=model, **kwargs)
 
 
 def test_bad_optimizer_and_unresolvable_names():
@@ -435,8 +438,8 @@ def _save_load(sd):
 
 def test_state_dict_is_weights_only_loadable_and_holds_dropgrad_state():
     model = EncDec()
-    opt = DropGrad(torch.optim.Adam(model.named_parameters(), lr=1e-3), drop_rate=lambda s: 0.1,
-                   params={"encoder": 0.3}, full_update_drop=0.2, seed=5)
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-3), drop_rate=lambda s: 0.1,
+                   params={"encoder": 0.3}, full_update_drop=0.2, seed=5, model=model)
     opt.step()
     sd = _save_load(opt.state_dict())
     ours = sd["dropgrad"]
@@ -444,7 +447,7 @@ def test_state_dict_is_weights_only_loadable_and_holds_dropgrad_state():
     assert ours["drop_rate"] == "<live function>"
     assert set(ours["param_rates"].values()) == {0.3}
     # the checkpoint also loads into the bare optimizer
-    torch.optim.Adam(EncDec().named_parameters(), lr=1e-3).load_state_dict(sd)
+    torch.optim.Adam(EncDec().parameters(), lr=1e-3).load_state_dict(sd)
 
 
 def test_loading_restores_rates_and_relinks_schedulers():
