@@ -135,8 +135,9 @@ def test_no_scheduler_order_warning_when_the_first_step_is_skipped():
 
 
 # ------------------------------------------------------------------ AMP: GradScaler
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["adam", "adam-fused"])
-def test_grad_scaler_unscale_clip_dropgrad_step(fused):
+def test_grad_scaler_unscale_clip_dropgrad_step(fused, dtype):
     """The documented order; the scaler skips step 4 (inf), full update drop skips DropGrad step 2."""
     max_norm = 0.05
     model = tiny_mlp()
@@ -149,9 +150,9 @@ def test_grad_scaler_unscale_clip_dropgrad_step(fused):
     given = GradRecorder(opt, when="pre")  # what DropGrad receives: unscaled and clipped
     seen = GradRecorder(inner)  # what Adam receives: masked
     for k, (x, y) in enumerate(batches(7)):
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
             out = model(x)
-        assert out.dtype == torch.float16
+        assert out.dtype == dtype
         scaler.scale(F.mse_loss(out.float(), y)).backward()
         if k == 4:
             model[0].weight.grad[0, 0] = float("inf")
