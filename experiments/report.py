@@ -244,7 +244,6 @@ def _curves(g: GroupStats, path: str) -> str | None:
     axes[1].set_title("validation " + ("accuracy %" if g.metric == "acc" else "perplexity") + " (mean ± std)")
     axes[1].set_xlabel("epoch")
     if g.metric == "ppl":
-        axes[0].set_yscale("log")
         axes[1].set_yscale("log")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{g.group}: learning curves", fontsize=10)
