@@ -35,16 +35,17 @@ def _data():
 
 
 class Net(pl.LightningModule):
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, precision: str = "bf16-mixed"):
         super().__init__()
         self.mode = mode
+        self.autocast_dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
         self.net = tiny_mlp()
         self.before = []  # gradients when Lightning calls on_before_optimizer_step
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         out = self.net(x)
-        assert out.dtype == torch.bfloat16  # bf16-mixed autocast is on
+        assert out.dtype == self.autocast_dtype  # mixed-precision autocast is on
         return F.mse_loss(out.float(), y)
 
     def on_before_optimizer_step(self, optimizer):
@@ -60,12 +61,17 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _fit(tmp_path, mode, epochs, callbacks=(), ckpt_path=None, clip=None, name="run"):
-    model = Net(mode)
+def _fit(tmp_path, mode, epochs, callbacks=(), ckpt_path=None, clip=None, name="run", precision="bf16-mixed"):
+    model = Net(mode, precision)
+    amp = {"precision": precision}
+    if precision == "16-mixed":  # Lightning only offers fp16 AMP on GPUs; the plugin itself runs on CPU
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        amp = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]}
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        precision="bf16-mixed",
+        **amp,
         accumulate_grad_batches=2,
         gradient_clip_val=clip,
         callbacks=list(callbacks),
@@ -113,6 +119,15 @@ def test_checkpoint_holds_a_flat_dropgrad_state_and_resume_continues_identically
     assert same(snapshot(resumed), snapshot(model))
     bare, _ = _fit(tmp_path, "bare", epochs=2, name="bare")
     assert not same(snapshot(bare), snapshot(model))
+
+
+def test_16_mixed_grad_scaler_path(tmp_path):
+    """With "16-mixed" Lightning runs the closure, unscales, then scaler.step(DropGrad): no closure reaches us."""
+    model, trainer = _fit(tmp_path, "wrapper", epochs=1, precision="16-mixed")
+    opt = trainer.optimizers[0]
+    assert opt.step_count == STEPS_PER_EPOCH and len(model.seen.seen) == STEPS_PER_EPOCH - 1
+    for s, got in zip([0, 2], model.seen.seen):
+        assert same(got, hand_masked(model.before[s], RATE, SEED, s))  # unscaled gradients, masked
 
 
 # ------------------------------------------------------------------ the callback

@@ -1,5 +1,5 @@
 """DropGrad under the Hugging Face ``Trainer``: ``optimizers=(DropGrad(...), scheduler)`` on a
-tiny GPT-2 built from a config (no downloads), with gradient accumulation, clipping, a
+tiny GPT-2 built from a config (no downloads), with bf16 autocast, gradient accumulation, clipping, a
 full-update-dropped step, ``save_steps`` and ``resume_from_checkpoint`` (the Trainer
 reads ``optimizer.pt`` with ``weights_only=True``); and the
 :class:`~dropgrad.integrations.transformers.DropGradTrainerCallback`."""
@@ -56,6 +56,8 @@ class Before(TrainerCallback):
 
 def _train(out_dir, mode, resume=None):
     model = _model()
+    dtypes = set()
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     seen = GradRecorder(inner)
     before = Before()
@@ -69,13 +71,14 @@ def _train(out_dir, mode, resume=None):
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         max_grad_norm=0.5, save_strategy="steps", save_steps=3, logging_steps=1, report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0,
+        use_cpu=True, bf16=True, disable_tqdm=True, seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_dataset(), optimizers=(opt, sched), callbacks=callbacks)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train(resume_from_checkpoint=resume)
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert dtypes == {torch.bfloat16}  # bf16 autocast (bf16=True) was on
     return model, trainer, opt, before, seen, callbacks[-1]
 
 
