@@ -393,7 +393,8 @@ class DropGrad(torch.optim.Optimizer):
             if g is not None:
                 sizes.append((index, g._values().numel() if g.is_sparse else p.numel(), rate))
         self._last_step_record = (self._step_count, skip, self._pending_default, sizes)
-        self._pending_plan = None
+        # nothing of the step lingers: pickling itertools.count goes away in Python 3.14
+        self._pending_plan = self._pending_evaluations = None
         if skip and hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
             # an LR scheduler built on the wrapped optimizer tracks its step calls;
             # a deliberate skip is still a step, so don't let it warn about order
