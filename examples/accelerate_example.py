@@ -44,6 +44,8 @@ def main() -> None:
         opt = DropGrad(opt, drop_rate=0.2, full_update_drop=0.05, seed=0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * len(loader) // 2)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    if hook is not None:
+        accelerator.register_for_checkpointing(hook)  # save_state/load_state carry its state
 
     for epoch in range(args.epochs):
         for xb, yb in loader:
@@ -60,9 +62,7 @@ def main() -> None:
         stats = hook.stats() if hook is not None else opt.optimizer.stats()
         accelerator.print(f"epoch {epoch}: loss {loss.item():.4f}, DropGrad step {stats['step']}, "
                           f"skipped last step: {stats['skipped']}, rate {stats['drop_rate']}")
-    accelerator.save_state(args.state_dir)  # the DropGrad state is inside the optimizer's
-    if hook is not None:  # the hook is not part of Accelerate's state: save it beside it
-        torch.save(hook.state_dict(), f"{args.state_dir}/dropgrad_hook.pt")
+    accelerator.save_state(args.state_dir)  # DropGrad's state: in the optimizer's, or the registered hook's
     accelerator.print(f"saved to {args.state_dir}")
 
 

@@ -2,7 +2,7 @@
 dataloader, scheduler)`` with bf16 autocast, ``accumulate``, ``clip_grad_norm_``, a
 full-update-dropped step, the ``prepare`` state-dict round trip, and
 ``save_state``/``load_state``; plus :class:`~dropgrad.integrations.DropGradHook` on an
-``AcceleratedOptimizer``."""
+``AcceleratedOptimizer``, checkpointed with ``register_for_checkpointing``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def _train(mode, save_dir=None, load_dir=None, split=4):
     model, popt, loader, psched = accelerator.prepare(model, opt, _loader(), sched)
     if mode == "wrapper":
         assert popt.optimizer is opt and opt._dropgrad_state() == before_prepare  # prepare's round trip
+    if hook is not None:
+        accelerator.register_for_checkpointing(hook)  # save_state/load_state carry the hook's state
     if load_dir is not None:
         accelerator.load_state(str(load_dir))
     for k, (x, y) in enumerate(loader):
@@ -113,3 +115,6 @@ def test_flags_survive_prepare_and_save_load_state_continues(tmp_path):
     resumed, opt, *_ = _train("wrapper", load_dir=tmp_path / "ckpt")
     assert opt.step_count == 4
     assert same(resumed, full)
+    hooked, *_ = _train("hook", save_dir=tmp_path / "hook-ckpt")
+    resumed, *_ = _train("hook", load_dir=tmp_path / "hook-ckpt")
+    assert same(resumed, hooked) and same(hooked, full)
