@@ -89,7 +89,7 @@ def test_builds_when_a_compiler_exists():
 def test_parity_sizes_offsets(dtype, p):
     # sizes: empty, one, odd, one vector +- 1, and more than 2 threads x 64K-element chunks;
     # offsets: 0, a block that crosses 2**32 (hi32 changes inside), and one far above it
-    sizes = [0, 1, 7, 9, 300_007]
+    sizes = [0, 1, 7, 9, 200_003]
     offsets = [0, TWO32 - 150_000, 5 * TWO32 + 3]
     grads, keys, offs = [], [], []
     for i, n in enumerate(sizes):
@@ -169,7 +169,7 @@ def test_parity_scale_variants(threshold, scale):
 @needs_fused
 def test_parity_shapes_and_many_tensors():
     # a ResNet-like list of 4-d, 2-d and 1-d tensors in one grouped call
-    shapes = [(64, 3, 7, 7), (64,), (64,), (256, 64, 1, 1), (1000, 2048), (1000,)] * 5 + [(3, 5)] * 40
+    shapes = [(64, 3, 7, 7), (64,), (64,), (256, 64, 1, 1), (300, 512), (300,)] * 5 + [(3, 5)] * 40
     grads = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     n = len(grads)
     keys = [masks.derive_key(11, 2, j) for j in range(n)]
