@@ -174,3 +174,47 @@ def test_callback_masks_before_lightning_clips_and_resumes(tmp_path):
                       name="second")
     assert resumed_cb.hook.step_count() == 2 * STEPS_PER_EPOCH
     assert same(snapshot(resumed), snapshot(model))
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers (a GAN-like alternation)."""
+
+    def __init__(self, wrap: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.wrap = wrap
+        self.net = tiny_mlp()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(F.mse_loss(self.net(x).float(), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        first = torch.optim.SGD(self.net[0].parameters(), lr=LR, momentum=0.9)
+        second = torch.optim.Adam(self.net[2].parameters(), lr=1e-2)
+        if not self.wrap:
+            return [first, second]
+        slot_seeds = DropGradCallback(drop_rate=RATE, seed=SEED).hook
+        return [DropGrad(first, drop_rate=RATE, seed=slot_seeds._slot_seed(0)),
+                DropGrad(second, drop_rate=RATE, seed=slot_seeds._slot_seed(1))]
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    def fit(wrap, callbacks, name):
+        model = TwoOptimizers(wrap)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=callbacks, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / name))
+        trainer.fit(model, _data())
+        return model, trainer
+
+    wrapped, _ = fit(True, [], "wrapped")
+    cb = DropGradCallback(drop_rate=RATE, seed=SEED)
+    hooked, trainer = fit(False, [cb], "callback")
+    assert same(snapshot(hooked), snapshot(wrapped))  # each optimizer gets its own seed, as two wrappers would
+    assert cb.hook.step_count(0) == cb.hook.step_count(1) == 6
+    assert "dropgrad/drop_rate_opt1" in trainer.callback_metrics
+    bare, _ = fit(False, [], "bare")
+    assert not same(snapshot(bare), snapshot(wrapped))
