@@ -307,7 +307,14 @@ def test_compiled_whole_train_step():
             else:
                 step(x, y)
                 flags.append(opt.last_step_skipped)
-        return snapshot(model), flags, getattr(opt, "step_count", None)
+        result = snapshot(model), flags, getattr(opt, "step_count", None)
+        if mode == "compiled":  # new step counts, coins and masks, but nothing recompiles
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            for x, y in data:
+                step(x, y)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+            assert opt.step_count == 2 * len(data)
+        return result
 
     params, flags, count = run("compiled")
     hand_params, hand_flags, _ = run("eager-hand")
