@@ -19,7 +19,8 @@ directory and loaded through :mod:`ctypes`; ``pip install`` builds nothing.
   written library. ``DROPGRAD_CACHE_DIR`` overrides the cache location
   (default ``$XDG_CACHE_HOME/dropgrad`` or ``~/.cache/dropgrad``), ``CC`` the
   compiler.
-* Under ``torch.compile`` the call is excluded from tracing (a graph break).
+* Under ``torch.compile`` the call is excluded from tracing (a graph break);
+  torch._dynamo is not imported for that unless it is already loaded.
 * CUDA tensors use the reference kernel, which runs on the device.
 """
 
@@ -228,7 +229,6 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-@torch.compiler.disable
 def fused_drop_grad_(
     grads: Sequence[torch.Tensor],
     keys: Sequence[tuple[int, int]],
@@ -248,6 +248,31 @@ def fused_drop_grad_(
         strict: raise instead of falling back to the reference kernel for a
             tensor (or a machine) the fused kernel cannot serve.
     """
+    # Only a loaded torch._dynamo can be tracing this call; excluding the call from
+    # tracing (a graph break) needs that import, which costs seconds, so do it lazily.
+    if "torch._dynamo" in sys.modules:
+        run = _eager_only if _eager_only is not None else _make_eager_only()
+        return run(grads, keys, thresholds, scales, offsets, strict)
+    return _fused_drop_grad(grads, keys, thresholds, scales, offsets, strict)
+
+
+_eager_only = None
+
+
+def _make_eager_only():
+    global _eager_only
+    _eager_only = torch.compiler.disable(_fused_drop_grad)
+    return _eager_only
+
+
+def _fused_drop_grad(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[tuple[int, int]],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    strict: bool = False,
+) -> None:
     n = len(grads)
     if not (len(keys) == len(thresholds) == len(scales) == len(offsets) == n):
         raise ValueError(
