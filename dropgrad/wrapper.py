@@ -13,7 +13,7 @@ import torch
 
 from . import distributed as _distributed
 from . import masks as _masks
-from .functional import _scale_for, _seed_from_generator, apply_masks_, check_rate
+from .functional import _scale_for, _seed_from_generator, apply_masks_
 from .rates import (
     Rate,
     _is_live_marker,
