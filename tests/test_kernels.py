@@ -10,6 +10,7 @@ the same numbers; with a 6-sigma bound a correct generator fails none of them
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 
@@ -80,6 +81,8 @@ def test_builds_when_a_compiler_exists():
     # otherwise every parity test below would silently skip
     if shutil.which("cc") is None or not _kernels._compiler():
         pytest.skip("no C compiler on this machine")
+    if os.environ.get("DROPGRAD_DISABLE_FUSED", "") not in ("", "0"):
+        pytest.skip("DROPGRAD_DISABLE_FUSED is set")
     assert _kernels.available(), _kernels.unavailable_reason()
 
 
@@ -275,6 +278,7 @@ def test_dispatcher_uses_fused_kernel_and_matches_reference(monkeypatch):
 def rebuild(monkeypatch, tmp_path):
     """Forget the loaded kernel; build it afresh into an empty cache; restore afterwards."""
     monkeypatch.setenv("DROPGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DROPGRAD_DISABLE_FUSED", raising=False)
     _kernels._reset_for_tests()
     yield tmp_path
     monkeypatch.undo()
