@@ -224,7 +224,7 @@ def _unsupported(g: torch.Tensor) -> str | None:
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
     try:
         torch.autograd.graph.increment_version(tensors)
-    except TypeError:  # torch < 2.2 takes one tensor at a time
+    except (TypeError, RuntimeError):  # older torch (2.4 raises RuntimeError) takes one tensor at a time
         for t in tensors:
             torch.autograd.graph.increment_version(t)
 

@@ -28,6 +28,8 @@ from . import masks as _masks
 __all__ = ["drop_grad_", "apply_masks_", "check_rate"]
 
 _TWO32 = 1 << 32
+#: elements the reference kernel hashes at a time (its temporaries take ~40 bytes an element)
+_REFERENCE_CHUNK = 1 << 20
 
 
 def check_rate(value: object, name: str = "drop_rate") -> float:
@@ -72,9 +74,17 @@ def _single_tensor_drop_grad_(
         n = g.numel()
         if n == 0 or (thr >= _TWO32 and scale == 1.0):
             continue
-        keep = _masks.keep_mask(n, key, thr, off, g.device)
-        factor = keep.to(_factor_dtype(g)) * scale
-        g.mul_(factor.view(g.shape))
+        dtype = _factor_dtype(g)
+        if not g.is_contiguous() or n <= _REFERENCE_CHUNK:
+            keep = _masks.keep_mask(n, key, thr, off, g.device)
+            g.mul_((keep.to(dtype) * scale).view(g.shape))
+            continue
+        # elementwise, so chunks give the same bits; the int64 temporaries stay bounded
+        flat = g.view(-1)
+        for start in range(0, n, _REFERENCE_CHUNK):
+            part = flat[start : start + _REFERENCE_CHUNK]
+            keep = _masks.keep_mask(part.numel(), key, thr, off + start, g.device)
+            part.mul_(keep.to(dtype) * scale)
 
 
 def _fused_kernel():

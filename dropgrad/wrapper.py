@@ -325,6 +325,9 @@ class DropGrad(torch.optim.Optimizer):
     def _mask_gradients(self, plan: list[tuple[int, torch.Tensor, float]], evaluation: int) -> None:
         grads, keys, thresholds, scales, offsets = [], [], [], [], []
         owned = _distributed._zero_owned_param_ids(self.optimizer)  # None: every parameter
+        prefix = _masks.step_prefix(self.seed, self._step_count)  # the per-step half of every key
+        stream = _masks.MASKS_STREAM + evaluation
+        per_rate: dict[float, tuple[int, float]] = {}  # rate -> (threshold, scale), a few distinct rates
         for index, p, rate in plan:
             g = p.grad
             if g is None or rate == 0.0:
@@ -333,8 +336,10 @@ class DropGrad(torch.optim.Optimizer):
                 continue  # ZeroRedundancyOptimizer: another rank steps p and broadcasts it
             if g.is_sparse:
                 g = g._values()
-            key = _masks.derive_key(self.seed, self._step_count, index, _masks.MASKS_STREAM + evaluation)
-            threshold = _masks.keep_threshold(rate)
+            key = _masks.key_from_prefix(prefix, index, stream)
+            if rate not in per_rate:
+                per_rate[rate] = (_masks.keep_threshold(rate), _scale_for(rate, self.rescale))
+            threshold, scale = per_rate[rate]
             if self._premasked and self._premasked.get(id(p)) == self._step_count:
                 if evaluation:
                     raise RuntimeError(
@@ -350,7 +355,7 @@ class DropGrad(torch.optim.Optimizer):
                 grads.append(piece)
                 keys.append(key)
                 thresholds.append(threshold)
-                scales.append(_scale_for(rate, self.rescale))
+                scales.append(scale)
                 offsets.append(offset)
         if grads:
             apply_masks_(grads, keys, thresholds, scales, offsets, impl=self.impl)
