@@ -504,6 +504,12 @@ def write_report(
         doc.append(f"* {e.get('cpu')} ({e.get('cpu_count')} cores), torch {e.get('torch')}, python {e.get('python')}, "
                    f"{'/'.join(map(str, threads))} thread(s) per run (`threads` in the config), GPU: {e.get('cuda') or 'none'}")
     doc.append(f"* code versions of the runs: {', '.join(commits) if commits else '–'}")
+    from .results import ResultsFile
+
+    errors = [r for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))) for r in ResultsFile(path).records()
+              if r.get("type") == "error" and r["run"] not in runs]
+    doc.append(f"* failed runs (recorded as errors, excluded from the tables): {len(errors)}"
+               + "".join(f"\n  * `{e['run']}`: {e.get('error', '?')}" for e in errors))
     doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | command |", "|---|--:|--:|--:|--:|---|"]
     all_groups: dict[str, list[GroupStats]] = {}
     total_s = left_s = 0.0
