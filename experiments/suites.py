@@ -158,8 +158,13 @@ SHAKESPEARE = RunConfig(
 
 def lm() -> list[RunConfig]:
     lstm = {"none": {}, "dropout": {"dropout": 0.3}, "dg": {"drop_rate": P}, "dg+dropout": {"dropout": 0.3, "drop_rate": P}}
-    runs = _group(BROWN_LSTM, "brown-lstm 80k", lstm, LM_SEEDS)
-    runs += _group(BROWN_TF, "brown-transformer 80k", {"none": {}, "dg": {"drop_rate": P}}, LM_SEEDS)
+    wd = {"optimizer": "adamw", "weight_decay": 0.1}
+    brown = {"none": {}, "wd": wd, "dropout": {"dropout": 0.3}, "dg": {"drop_rate": P}, "dg+wd": {**wd, "drop_rate": P},
+             "dg+dropout": {"dropout": 0.3, "drop_rate": P}}
+    runs = _group(BROWN_LSTM, "brown-lstm 80k", brown, LM_SEEDS)
+    runs += _group(BROWN_LSTM, "brown-lstm 80k drop rate", {f"p={p:g}": {"drop_rate": p} for p in (0.0, 0.1, 0.3)}, LM_SEEDS, "p=0")
+    tf = {"none": {}, "dropout": {"dropout": 0.1}, "dg": {"drop_rate": P}, "dg+dropout": {"dropout": 0.1, "drop_rate": P}}
+    runs += _group(BROWN_TF, "brown-transformer 80k", tf, LM_SEEDS)
     runs += _group(SHAKESPEARE, "shakespeare-char-lstm 200k", lstm, LM_SEEDS)
     return runs
 
@@ -192,7 +197,7 @@ DESCRIPTIONS = {
     "quick": "digits MLP: baselines, DropGrad, controls (5 seeds); no download, < 5 min",
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
-    "lm": "Brown word-level LSTM and transformer, Shakespeare char-level LSTM (3 seeds)",
+    "lm": "Brown word-level LSTM (with a drop-rate sweep) and transformer, Shakespeare char-level LSTM (3 seeds)",
     "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
     "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",
     "gpu-lm": "Brown LSTM (Zaremba small size) and transformer on the full corpus (needs a GPU)",
