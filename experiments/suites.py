@@ -163,6 +163,8 @@ def lm() -> list[RunConfig]:
              "dg+dropout": {"dropout": 0.3, "drop_rate": P}}
     runs = _group(BROWN_LSTM, "brown-lstm 80k", brown, LM_SEEDS)
     runs += _group(BROWN_LSTM, "brown-lstm 80k drop rate", {f"p={p:g}": {"drop_rate": p} for p in (0.0, 0.1, 0.3)}, LM_SEEDS, "p=0")
+    controls = {"none": {}, "dg 0.3": {"drop_rate": 0.3}, "lr x sqrt(1-0.3)": {"lr_scale": math.sqrt(0.7)}, "gauss noise 0.3": {"grad_noise": 0.3}}
+    runs += _group(BROWN_LSTM, "brown-lstm 80k controls p=0.3", controls, LM_SEEDS)
     tf = {"none": {}, "dropout": {"dropout": 0.1}, "dg": {"drop_rate": P}, "dg+dropout": {"dropout": 0.1, "drop_rate": P}}
     runs += _group(BROWN_TF, "brown-transformer 80k", tf, LM_SEEDS)
     runs += _group(SHAKESPEARE, "shakespeare-char-lstm 200k", lstm, LM_SEEDS)
