@@ -503,7 +503,9 @@ def write_report(
         threads = sorted({r.config.get("threads") for r in runs.values() if r.env is e or r.env.get("cpu") == e.get("cpu")})
         doc.append(f"* {e.get('cpu')} ({e.get('cpu_count')} cores), torch {e.get('torch')}, python {e.get('python')}, "
                    f"{'/'.join(map(str, threads))} thread(s) per run (`threads` in the config), GPU: {e.get('cuda') or 'none'}")
-    doc.append(f"* code versions of the runs: {', '.join(commits) if commits else '–'}")
+    doc.append(f"* code versions of the runs: {', '.join(commits) if commits else '–'} (`+dirty`: the checkout had "
+               "uncommitted changes under `dropgrad/` or `experiments/` when the suite started; each run's exact "
+               "commit and flag are in its `start` record)")
     from .results import ResultsFile
 
     errors = [r for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))) for r in ResultsFile(path).records()
