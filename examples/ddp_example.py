@@ -86,6 +86,10 @@ def main() -> None:
         print(f"world size {world}, agreed seed {opt.seed}, replicas bitwise identical: {identical}")
         if hook_state is not None:
             print(f"comm hook sent {hook_state.bytes_sent / hook_state.bytes_dense:.3f} of the default all-reduce bytes")
+    # release DDP's reducer (and its gloo work) before the group goes away: destroying
+    # the group under a live DDP model can abort the process at exit
+    del model, opt
+    dist.barrier()
     dist.destroy_process_group()
     if not identical:
         raise SystemExit("replicas diverged")
