@@ -125,6 +125,19 @@ def _lr_sched(cfg: RunConfig, opt, total_steps: int):
     return None
 
 
+
+def _update(loss, opt, params, clip_grad: float, noise, sched) -> None:
+    """One optimizer step from ``loss``: backward, optional clipping and control noise, step, LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    if noise is not None:
+        noise(params)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
 def _current_rate(opt) -> float:
     rates = getattr(opt, "current_drop_rates", None)
     if rates is None:
@@ -206,15 +219,7 @@ def _train_images(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]
             xb, yb = (xtr[idx] - mean) / std, ytr[idx]
             out = model(xb)
             loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            if noise is not None:
-                noise(params)
-            opt.step()
-            if sched is not None:
-                sched.step()
+            _update(loss, opt, params, cfg.clip_grad, noise, sched)
             loss_sum += loss.item() * len(yb)
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(yb)
@@ -336,15 +341,7 @@ def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
             x = x[:, : y.shape[1]]
             out, state = model(x, _detach(state) if recurrent else None)
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            if noise is not None:
-                noise(params)
-            opt.step()
-            if sched is not None:
-                sched.step()
+            _update(loss, opt, params, cfg.clip_grad, noise, sched)
             loss_sum += loss.item() * y.numel()
             count += y.numel()
         train_loss = loss_sum / count
