@@ -208,11 +208,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _curves(g: GroupStats, path: str) -> str | None:
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported lazily: plotting is optional)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    """Lay out, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+def _curves(g: GroupStats, path: str) -> str | None:
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     val_key = f"val_{g.metric}"
@@ -247,17 +263,12 @@ def _curves(g: GroupStats, path: str) -> str | None:
         axes[1].set_yscale("log")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{g.group}: learning curves", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def _bars(g: GroupStats, path: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows_b, rows_f = g.rows("best"), g.rows("final")
     rows_b = [r for r in rows_b if r["n"]]
@@ -277,18 +288,13 @@ def _bars(g: GroupStats, path: str) -> str | None:
     ax.set_ylabel(_unit(g) + " (mean ± std)")
     ax.set_title(g.group, fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def _vs_rate(g: GroupStats, path: str) -> str | None:
     """Test metric against the (constant, global) drop rate, when a group varies only that."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     import dataclasses
 
@@ -320,17 +326,12 @@ def _vs_rate(g: GroupStats, path: str) -> str | None:
     ax.set_ylabel(_unit(g) + " (mean ± std)")
     ax.set_title(f"{g.group}: metric vs drop rate", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def _robust(g: GroupStats, path: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if g.metric != "acc":
         return None
@@ -361,9 +362,7 @@ def _robust(g: GroupStats, path: str) -> str | None:
     ax.set_ylabel("test accuracy % (best-val model)")
     ax.set_title(f"{g.group}: robustness", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
