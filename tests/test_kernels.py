@@ -26,7 +26,6 @@ INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 needs_fused = pytest.mark.skipif(not _kernels.available(), reason=f"fused kernel unavailable: {_kernels.unavailable_reason()}")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _scale(p: float, rescale: bool = True) -> float:
@@ -222,6 +221,137 @@ def test_c_keep_bits_match_definition(offset):
     assert mask.tolist() == [masks.hash32(key, offset + i) < masks.keep_threshold(0.5) for i in range(64)]
 
 
+@needs_fused
+def test_c_derived_keys_match_derive_key():
+    # the wrapper's path derives keys in C from (step prefix, index, stream); Python masks every counter
+    # with & (2**64 - 1), so huge and negative ints must give the same words
+    M64 = (1 << 64) - 1
+    counters = [0, 1, 2, 7, 12345, TWO32 - 1, TWO32, (1 << 63) - 1, 1 << 63, (1 << 63) + 5, M64, M64 + 1, 1 << 70,
+                -1, -2, -(1 << 63), -(1 << 64) - 3]
+    gen = torch.Generator().manual_seed(3)
+    counters += torch.randint(-(2**62), 2**62, (12,), generator=gen).tolist()
+    for seed in (0, 1, 2**63 + 11, -5, 1 << 80):
+        for step in (0, 1, 999_999, 2**64 - 1, -1):
+            prefix = masks.step_prefix(seed, step)
+            for stream in (masks.MASKS_STREAM, 1, 3, masks.FULL_UPDATE_STREAM, M64, -1, 1 << 65):
+                words = _kernels.derive_key_words(prefix, counters, stream)
+                for index, word in zip(counters, words):
+                    k0, k1 = masks.derive_key(seed, step, index, stream)
+                    assert word == k0 | (k1 << 32), (seed, step, index, stream)
+
+
+def _plan_reference(plan, seed, step, stream, rescale):
+    """What the wrapper's general path does with a plan: Python keys, the reference kernel."""
+    prefix = masks.step_prefix(seed, step)
+    for index, p, rate in plan:
+        g = p.grad
+        if g is None or rate == 0.0:
+            continue
+        if g.is_sparse:
+            g = g._values()
+        key = masks.key_from_prefix(prefix, index, stream)
+        _single_tensor_drop_grad_([g], [key], [masks.keep_threshold(rate)], [_scale(rate, rescale)], [0])
+
+
+@needs_fused
+@pytest.mark.parametrize("rescale", [True, False])
+def test_planned_kernel_matches_reference(threads, rescale):
+    shapes = [(300, 7), (5,), (0,), (70_000,), (3, 3, 3), (1,), (200_001,)]
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    rates = [0.1, 0.0, 0.5, 1.0, 1e-12, 0.3, 0.9]
+
+    def fresh(with_none):
+        params = []
+        for j, s in enumerate(shapes * 2):
+            p = torch.zeros(s, dtype=dtypes[j % 4], requires_grad=True)
+            if not (with_none and j % 5 == 2):
+                p.grad = _grad(p.numel(), p.dtype, seed=j).view(s)
+            params.append(p)
+        return [(j, p, rates[j % len(rates)]) for j, p in enumerate(params)]
+
+    for nthreads in (1, 2):
+        threads(nthreads)
+        for with_none in (False, True):
+            for stream in (0, 2):
+                plan, ref = fresh(with_none), fresh(with_none)
+                versions = [None if p.grad is None else p.grad._version for _, p, _ in plan]
+                left = _kernels.mask_planned_(plan, masks.step_prefix(9, 4), stream, rescale, strict=True)
+                assert left == []
+                _plan_reference(ref, 9, 4, stream, rescale)
+                for (_, p, rate), (_, q, _), v in zip(plan, ref, versions):
+                    if q.grad is None:
+                        assert p.grad is None
+                        continue
+                    _assert_same_bits(p.grad, q.grad)
+                    touched = p.numel() > 0 and not (masks.keep_threshold(rate) >= TWO32 and _scale(rate, rescale) == 1.0)
+                    assert p.grad._version == v + touched
+
+
+@needs_fused
+def test_planned_kernel_returns_what_it_cannot_serve():
+    base = torch.randn(40, 30)
+    params = [torch.zeros(s, requires_grad=True) for s in [(30, 40), (100,), (100,), (5000,), (64,), (8,)]]
+    params[0].grad = base.clone().t()  # non-contiguous
+    params[1].grad = torch.randn(100, dtype=torch.float64).to(torch.float32)
+    params[2].grad = torch.randn(100)._neg_view()  # a lazy negative view
+    params[3].grad = torch.randn(5000)
+    params[4].grad = torch.randn(64)._neg_view()  # unservable, but its rate is 0: nothing to do
+    params[5].grad = None
+    plan = [(j, p, 0.0 if j == 4 else 0.5) for j, p in enumerate(params)]
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    strict_left = _kernels.mask_planned_(plan, masks.step_prefix(1, 1), 0, True, strict=True)
+    assert strict_left == plan  # strict: nothing written, everything back to the general path (which raises)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params[:5], before[:5]))
+    left = _kernels.mask_planned_(plan, masks.step_prefix(1, 1), 0, True)
+    assert [entry[0] for entry in left] == [0, 2]
+    ref = [(j, torch.zeros_like(p, requires_grad=True), rate) for j, p, rate in plan]
+    for (_, q, _), b in zip(ref, before):
+        q.grad = None if b is None else b.clone()
+    _plan_reference([ref[1], ref[3]], 1, 1, 0, True)
+    _assert_same_bits(params[1].grad, ref[1][1].grad)
+    _assert_same_bits(params[3].grad, ref[3][1].grad)
+    assert torch.equal(params[0].grad, before[0]) and torch.equal(params[2].grad, before[2])
+    assert torch.equal(params[4].grad, before[4])
+
+
+@needs_fused
+def test_plan_with_any_indices_and_empty():
+    assert _kernels.mask_planned_([], 0, 0, True) == []
+    params = [torch.zeros(1000, requires_grad=True) for _ in range(3)]
+    for j, p in enumerate(params):
+        p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(j))
+    ref = [(i, torch.zeros(1000, requires_grad=True), 0.4) for i in (5, 2**40, 1)]
+    for (_, q, _), p in zip(ref, params):
+        q.grad = p.grad.clone()
+    plan = [(i, p, 0.4) for i, p in zip((5, 2**40, 1), params)]
+    assert _kernels.mask_planned_(plan, masks.step_prefix(3, 3), 1, True) == []
+    _plan_reference(ref, 3, 3, 1, True)
+    for (_, p, _), (_, q, _) in zip(plan, ref):
+        _assert_same_bits(p.grad, q.grad)
+
+
+@needs_fused
+def test_fused_fast_path_skips_what_the_reference_skips():
+    # numel-0 tensors and (threshold 2**32, scale 1) entries are left alone, versions included
+    grads = [torch.randn(100), torch.randn(0), torch.randn(50), torch.randn(70)]
+    keys = [masks.derive_key(0, 0, j) for j in range(4)]
+    thr = [masks.keep_threshold(0.5), masks.keep_threshold(0.5), TWO32, TWO32]
+    scales = [2.0, 2.0, 1.0, 3.0]
+    before = [g._version for g in grads]
+    ref, fused = _both(grads, keys, thr, scales, [0] * 4)
+    for a, b in zip(ref, fused):
+        _assert_same_bits(a, b)
+    _kernels.fused_drop_grad_(grads, keys, thr, scales, [0] * 4)
+    assert [g._version - v for g, v in zip(grads, before)] == [1, 0, 0, 1]
+    # thresholds out of range or as floats are clamped as the reference reads them
+    g1, g2 = torch.randn(1000), torch.randn(1000)
+    r1, r2 = g1.clone(), g2.clone()
+    _kernels.fused_drop_grad_([g1, g2], keys[:2], [-5, float(TWO32 + 10)], [2.0, 2.0], [0, 0])
+    _single_tensor_drop_grad_([r1, r2], keys[:2], [-5, float(TWO32 + 10)], [2.0, 2.0], [0, 0])
+    _assert_same_bits(g1, r1)
+    _assert_same_bits(g2, r2)
+
+
 # ------------------------------------------------------- dispatch and fallback
 
 
@@ -347,24 +477,6 @@ def test_works_inside_torch_compile():
     compiled = torch.compile(step, backend="eager")
     for a, b in zip(compiled(gs), step(gs)):
         _assert_same_bits(a, b)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_cuda_matches_cpu(dtype):
-    # CUDA tensors take the reference kernel on the device; the masks must be those of the CPU
-    key, thr = masks.derive_key(8, 8, 8), masks.keep_threshold(0.3)
-    for off in (0, TWO32 - 10, 7 * TWO32):
-        assert torch.equal(masks.keep_mask(100_000, key, thr, off, "cuda").cpu(), masks.keep_mask(100_000, key, thr, off))
-    g = _grad(100_003, dtype)
-    cpu, gpu = g.clone(), g.cuda()
-    apply_masks_([cpu], [key], [thr], [1 / 0.7], [0])
-    apply_masks_([gpu], [key], [thr], [1 / 0.7], [0])
-    a, b = cpu, gpu.cpu()
-    assert torch.equal(a.isnan(), b.isnan())
-    a[a.isnan()] = 0
-    b[b.isnan()] = 0
-    _assert_same_bits(a, b)
 
 
 # ------------------------------------------------------------- resolution

@@ -24,7 +24,6 @@
 #define DG_F64 1
 #define DG_F16 2
 #define DG_BF16 3
-#define DG_META 6 /* words per tensor in dropgrad_mask_grouped's meta */
 
 /* One work unit of the flat element space; large enough to amortise the
  * scheduling, small enough to spread 161 tensors over 2-64 threads. */
@@ -158,58 +157,104 @@ static void run_segment(void *ptr, int32_t dtype, int64_t start, int64_t stop, u
     }
 }
 
+/* SplitMix64's output function applied to x + golden ratio (dropgrad.masks._splitmix64). */
+static inline uint64_t splitmix64(uint64_t x) {
+    uint64_t z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* dropgrad.masks.key_from_prefix(prefix, index, stream) as one word: k0 | k1 << 32. */
+static inline uint64_t key_word(uint64_t prefix, uint64_t index, uint64_t stream) {
+    return splitmix64(splitmix64(prefix ^ index) ^ stream);
+}
+
+/* Keys of `count` tensors: out[j] = key_word(prefix, index[j], stream) (index NULL: index j). */
+void dropgrad_derive_keys(int64_t count, uint64_t prefix, uint64_t stream, const uint64_t *index, uint64_t *out) {
+    for (int64_t j = 0; j < count; j++) out[j] = key_word(prefix, index ? index[j] : (uint64_t)j, stream);
+}
+
+/* One tensor's work, resolved once per call. */
+typedef struct {
+    void *ptr;
+    int64_t start;  /* its first element in the flat element space */
+    uint64_t key;   /* k0 | k1 << 32 */
+    uint64_t threshold;
+    uint64_t offset;
+    double scale;
+    int32_t dtype;
+} dg_seg;
+
 /* Masks the pieces [lo, hi) of the flat element space (the concatenation of
- * all tensors; start[] holds prefix sums of the tensor sizes). */
-static void run_range(int64_t count, const uint64_t *meta, const double *scales, const int64_t *start,
-                      int64_t lo, int64_t hi) {
-    /* first tensor with start[j + 1] > lo */
+ * all active tensors; seg[count].start is the total). */
+static void run_range(int64_t count, const dg_seg *seg, int64_t lo, int64_t hi) {
+    /* first tensor with seg[j + 1].start > lo */
     int64_t a = 0, b = count - 1;
     while (a < b) {
         const int64_t m = a + (b - a) / 2;
-        if (start[m + 1] > lo) b = m; else a = m + 1;
+        if (seg[m + 1].start > lo) b = m; else a = m + 1;
     }
     for (int64_t j = a; j < count && lo < hi; j++) {
-        const int64_t end = start[j + 1] < hi ? start[j + 1] : hi;
-        const uint64_t *r = meta + DG_META * j;
+        const int64_t end = seg[j + 1].start < hi ? seg[j + 1].start : hi;
+        const dg_seg *r = seg + j;
         if (end > lo)
-            run_segment((void *)(uintptr_t)r[0], (int32_t)r[2], lo - start[j], end - start[j],
-                        (uint32_t)r[3], (uint32_t)(r[3] >> 32), r[4], scales[j], r[5]);
+            run_segment(r->ptr, r->dtype, lo - r->start, end - r->start, (uint32_t)r->key, (uint32_t)(r->key >> 32),
+                        r->threshold, r->scale, r->offset);
         lo = end;
     }
 }
 
-/* Mask `count` tensors in one call. meta holds DG_META words per tensor:
- * data pointer, numel, dtype code, key (k0 | k1 << 32), threshold, element
- * offset; scales one double per tensor. Work is split over the concatenation
- * of all tensors in DG_CHUNK-element pieces, so many small tensors cost one
- * parallel region, not one each; the result does not depend on nthreads.
- * Returns 0, or -1 on a bad dtype code or allocation failure (nothing written). */
-int dropgrad_mask_grouped(int64_t count, const uint64_t *meta, const double *scales, int nthreads) {
+/* Mask `count` tensors in one call. Per tensor j: data pointer ptrs[j],
+ * numels[j] elements (contiguous), dtype code codes[j], threshold
+ * thresholds[j] (at most 2^32), survivors' factor scales[j], element offset
+ * offsets[j] (NULL: all 0) and the key: keys[j] (k0 | k1 << 32) when derive is
+ * 0, else key_word(prefix, keys[j], stream) with keys[] holding tensor indices
+ * (keys NULL: index j). A tensor with a NULL pointer, no elements, or
+ * threshold 2^32 and factor 1 is left alone (the reference does not touch
+ * it either). Work is split over the concatenation of the other tensors in
+ * DG_CHUNK-element pieces, so many small tensors cost one parallel region, not
+ * one each; the result does not depend on nthreads. Returns 0, or -1 on a bad
+ * dtype code, size or allocation failure (checked before anything is written). */
+int dropgrad_mask_tensors(int64_t count, const uint64_t *ptrs, const int64_t *numels, const int32_t *codes,
+                          const uint64_t *keys, const uint64_t *thresholds, const double *scales,
+                          const uint64_t *offsets, uint64_t prefix, uint64_t stream, int derive, int nthreads) {
     if (count <= 0) return 0;
-    int64_t *start = (int64_t *)malloc((size_t)(count + 1) * sizeof(int64_t));
-    if (!start) return -1;
-    start[0] = 0;
+    dg_seg *seg = (dg_seg *)malloc((size_t)(count + 1) * sizeof(dg_seg));
+    if (!seg) return -1;
+    int64_t m = 0, total = 0;
     for (int64_t j = 0; j < count; j++) {
-        const uint64_t *r = meta + DG_META * j;
-        if (r[2] > DG_BF16 || r[1] > (uint64_t)INT64_MAX - (uint64_t)start[j]) { free(start); return -1; }
-        start[j + 1] = start[j] + (int64_t)r[1];
+        const int64_t n = numels[j];
+        if (n < 0 || codes[j] < DG_F32 || codes[j] > DG_BF16 || n > INT64_MAX - total) { free(seg); return -1; }
+        if (ptrs[j] == 0 || n == 0 || (thresholds[j] >= 0x100000000ull && scales[j] == 1.0)) continue;
+        dg_seg *r = seg + m++;
+        r->ptr = (void *)(uintptr_t)ptrs[j];
+        r->start = total;
+        r->key = derive ? key_word(prefix, keys ? keys[j] : (uint64_t)j, stream) : keys[j];
+        r->threshold = thresholds[j];
+        r->offset = offsets ? offsets[j] : 0;
+        r->scale = scales[j];
+        r->dtype = codes[j];
+        total += n;
     }
-    const int64_t total = start[count];
+    seg[m].start = total;
     const int64_t nchunks = (total + DG_CHUNK - 1) / DG_CHUNK;
     if (nthreads < 1 || total < DG_MIN_PARALLEL) nthreads = 1;
     if (nthreads > nchunks) nthreads = (int)(nchunks > 0 ? nchunks : 1);
-    if (nthreads == 1) {
-        run_range(count, meta, scales, start, 0, total);
+    if (m == 0) {
+        /* nothing to do */
+    } else if (nthreads == 1) {
+        run_range(m, seg, 0, total);
     } else {
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static)
 #endif
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t lo = c * DG_CHUNK;
-            run_range(count, meta, scales, start, lo, lo + DG_CHUNK < total ? lo + DG_CHUNK : total);
+            run_range(m, seg, lo, lo + DG_CHUNK < total ? lo + DG_CHUNK : total);
         }
     }
-    free(start);
+    free(seg);
     return 0;
 }
 
@@ -264,7 +309,7 @@ void dropgrad_count_below4(int64_t n, uint32_t k0, uint32_t k1, uint64_t offset,
     counts[0] = a0; counts[1] = a1; counts[2] = a2; counts[3] = a3;
 }
 
-int dropgrad_abi_version(void) { return 2; }
+int dropgrad_abi_version(void) { return 3; }
 
 int dropgrad_max_threads(void) {
 #ifdef _OPENMP
