@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import operator
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -13,7 +14,7 @@ import torch
 
 from . import distributed as _distributed
 from . import masks as _masks
-from .functional import _scale_for, _seed_from_generator, apply_masks_
+from .functional import _fused_kernel, _scale_for, _seed_from_generator, apply_masks_
 from .rates import (
     Rate,
     _is_live_marker,
@@ -30,6 +31,7 @@ __all__ = ["DropGrad"]
 _STATE_KEY = "dropgrad"
 _STATE_FORMAT = 1
 _TWO32 = 1 << 32
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 class DropGrad(torch.optim.Optimizer):
@@ -308,16 +310,22 @@ class DropGrad(torch.optim.Optimizer):
     def _plan(self, cache: dict[int, float]) -> list[tuple[int, torch.Tensor, float]]:
         step = self._step_count
         default = evaluate_rate(self._drop_rate, step, cache)
-        plan = []
+        plan: list[tuple[int, torch.Tensor, float]] = []
         index = 0
+        overrides = sorted(self._param_rates) if self._param_rates else ()
+        k = 0  # next entry of overrides
         for group in self.param_groups:
             group_rate = evaluate_rate(group["drop_rate"], step, cache) if "drop_rate" in group else default
-            for p in group["params"]:
-                rate = group_rate
-                if index in self._param_rates:
-                    rate = evaluate_rate(self._param_rates[index], step, cache)
-                plan.append((index, p, rate))
-                index += 1
+            params = group["params"]
+            stop = index + len(params)
+            # whole-group construction (C-level zip); per-parameter rates patched in afterwards, in order
+            plan.extend(zip(range(index, stop), params, itertools.repeat(group_rate)))
+            while k < len(overrides) and overrides[k] < stop:
+                j = overrides[k]
+                if j >= index:
+                    plan[j] = (j, plan[j][1], evaluate_rate(self._param_rates[j], step, cache))
+                k += 1
+            index = stop
         return plan
 
     # ------------------------------------------------------------------ the step
@@ -327,6 +335,15 @@ class DropGrad(torch.optim.Optimizer):
         owned = _distributed._zero_owned_param_ids(self.optimizer)  # None: every parameter
         prefix = _masks.step_prefix(self.seed, self._step_count)  # the per-step half of every key
         stream = _masks.MASKS_STREAM + evaluation
+        if owned is None and not self._premasked and self.impl != "reference" and plan:
+            # the fused CPU kernel takes the whole plan in one call and derives the keys in C;
+            # what it cannot serve (sparse, DTensor, CUDA, ... gradients) comes back for the loop below
+            kernels = _fused_kernel()
+            left = None if kernels is None else kernels.mask_planned_(
+                plan, prefix, stream, self.rescale, strict=self.impl == "fused"
+            )
+            if left is not None:
+                plan = left
         per_rate: dict[float, tuple[int, float]] = {}  # rate -> (threshold, scale), a few distinct rates
         for index, p, rate in plan:
             g = p.grad
@@ -392,11 +409,16 @@ class DropGrad(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def _end_step(self, skip: bool) -> None:
-        sizes = []
-        for index, p, rate in self._pending_plan:
-            g = p.grad
-            if g is not None:
-                sizes.append((index, g._values().numel() if g.is_sparse else p.numel(), rate))
+        plan = self._pending_plan
+        indices, params, rates = zip(*plan) if plan else ((), (), ())
+        grads = [p.grad for p in params]
+        if type(None) not in set(map(type, grads)) and not any(map(_is_sparse, grads)):
+            sizes = list(zip(indices, map(torch.Tensor.numel, params), rates))  # the common case, no Python loop
+        else:
+            sizes = []
+            for index, p, rate, g in zip(indices, params, rates, grads):
+                if g is not None:
+                    sizes.append((index, g._values().numel() if g.is_sparse else p.numel(), rate))
         self._last_step_record = (self._step_count, skip, self._pending_default, sizes)
         # nothing of the step lingers: pickling itertools.count goes away in Python 3.14
         self._pending_plan = self._pending_evaluations = None

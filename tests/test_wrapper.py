@@ -428,6 +428,135 @@ def test_sparse_embedding_gradients_are_masked_on_their_values():
     assert set(values.unique().tolist()) == {0.0, 2.0}
 
 
+def _bits_of(t):
+    view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64, torch.complex64: torch.int64}[t.dtype]
+    return t.contiguous().view(view)
+
+
+def _twin_runs(make, steps, between=None, per_param=None, **wrap):
+    """Gradients the wrapped optimizer sees with the default (fused, keys in C) path and with impl='reference'."""
+    seen = {}
+    for impl in (None, "reference"):
+        params, grads_for = make()
+        record = seen[impl] = []
+
+        class Spy(torch.optim.SGD):
+            def step(self, closure=None):
+                record.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+                return super().step(closure)
+
+        rates = None if per_param is None else {params[j]: r for j, r in per_param.items()}
+        opt = DropGrad(Spy(params, lr=0.0), impl=impl, params=rates, **wrap)
+        for k in range(steps):
+            if between is not None:
+                between(k, opt)
+            for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads_for(k, opt)):
+                if g is None:
+                    p.grad = None
+                elif p.grad is not None and p.grad.dtype == g.dtype and k % 2:
+                    p.grad.copy_(g)  # the same gradient tensors again (zero_grad(set_to_none=False) style)
+                else:
+                    p.grad = g.clone()  # fresh tensors, fresh data pointers
+            opt.step()
+    assert len(seen[None]) == len(seen["reference"]) == steps
+    for a_step, b_step in zip(seen[None], seen["reference"]):
+        assert len(a_step) == len(b_step)
+        for a, b in zip(a_step, b_step):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(_bits_of(a), _bits_of(b))
+    return seen[None]
+
+
+def test_default_path_matches_reference_as_gradients_change():
+    # the fused path re-reads every gradient each step: re-allocated grads, a dtype change,
+    # a parameter group added (count change), grads that come and go, unservable ones mixed in
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in [(70, 30), (30,), (1000,), (4, 5, 6), (0,)]]
+
+        def grads_for(k, opt):
+            out = []
+            for j, p in enumerate([p for grp in opt.param_groups for p in grp["params"]]):
+                g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                if (j + k) % 4 == 3:
+                    g = None
+                elif j == 0 and k == 4:
+                    g = g.t().contiguous().t()  # non-contiguous (falls back for this tensor only)
+                out.append(g)
+            return out
+
+        return params, grads_for
+
+    def between(k, opt):
+        if k == 2:
+            for p in opt.param_groups[0]["params"][:3]:
+                p.data = p.data.double()  # as module.double() does; grads follow
+                p.grad = None
+        if k == 3:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(500, dtype=torch.float16))], "drop_rate": 0.6})
+        if k == 5:
+            opt.param_groups[0]["params"].pop(1)
+
+    seen = _twin_runs(make, 8, between, per_param={0: 0.5, 3: 0.0}, drop_rate=0.3, seed=4)
+    assert len(seen[-1]) == 5 and any(g is not None and g.dtype == torch.float64 for g in seen[-1])
+    assert any(g is not None and g.dtype == torch.float16 for step in seen for g in step)
+    assert any(g is not None and (g == 0).any() for g in seen[-1])
+
+
+def test_default_path_matches_reference_with_sparse_and_complex_gradients():
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.zeros(50, 4)), torch.nn.Parameter(torch.zeros(300, dtype=torch.complex64)),
+                  torch.nn.Parameter(torch.zeros(800))]
+
+        def grads_for(k, opt):
+            i = torch.tensor([[0, 3, 3, 9]])
+            sparse = torch.sparse_coo_tensor(i, torch.randn(4, 4, generator=gen), (50, 4))
+            return [sparse, torch.randn(300, dtype=torch.complex64, generator=gen), torch.randn(800, generator=gen)]
+
+        return params, grads_for
+
+    out = {}
+    for impl in (None, "reference"):
+        params, grads_for = make()
+        opt = DropGrad(torch.optim.SGD(params, lr=0.0), impl=impl, drop_rate=0.4, seed=2)
+        out[impl] = []
+        for k in range(3):
+            for p, g in zip(params, grads_for(k, opt)):
+                p.grad = g
+            opt.step()
+            out[impl].append([p.grad.coalesce().values() if p.grad.is_sparse else p.grad.clone() for p in params])
+    for a_step, b_step in zip(out[None], out["reference"]):
+        for a, b in zip(a_step, b_step):
+            assert torch.equal(_bits_of(a), _bits_of(b))
+
+
+def test_default_path_strict_fused_still_refuses_unservable_gradients():
+    p, q = torch.nn.Parameter(torch.zeros(30, 20)), torch.nn.Parameter(torch.zeros(100))
+    opt = DropGrad(torch.optim.SGD([p, q], lr=0.0), drop_rate=0.5, seed=0, impl="fused")
+    p.grad = torch.ones(20, 30).t()
+    q.grad = torch.ones(100)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        opt.step()
+    assert torch.equal(q.grad, torch.ones(100))  # nothing was masked before the error
+
+
+def test_stats_sizes_with_none_and_sparse_gradients():
+    emb = torch.nn.Embedding(100, 4, sparse=True)
+    lin = torch.nn.Linear(4, 3)
+    opt = DropGrad(torch.optim.SGD(list(emb.parameters()) + list(lin.parameters()), lr=0.0), drop_rate=0.5, seed=0)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    opt.step()  # lin has no gradients
+    st = opt.stats(exact=True)
+    assert st["expected_dropped_fraction"] == 0.5 and 0.0 <= st["dropped_fraction"] <= 1.0
+    lin(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    record = opt._last_step_record[3]
+    assert [(i, n) for i, n, _ in record] == [(0, 12), (1, 12), (2, 3)]
+
+
 # ---------------------------------------------------------------- checkpoints
 def _save_load(sd):
     buf = io.BytesIO()
