@@ -112,7 +112,9 @@ def apply_masks_(
         thresholds: one :func:`dropgrad.masks.keep_threshold` per tensor.
         scales: the survivors' factor per tensor (``1/(1-p)``, or 1, or 0 at ``p=1``).
         offsets: element offset of each tensor inside the full tensor it is a shard of.
-        impl: ``None`` (fastest available), ``"reference"`` or ``"fused"``.
+        impl: ``None`` (fastest available), ``"reference"`` or ``"fused"`` (the fused
+            kernel of each tensor's device: C on CPU, Triton on CUDA; an error for a
+            tensor it cannot serve). All give the same bits.
     """
     if offsets is None:
         offsets = [0] * len(grads)
@@ -120,6 +122,14 @@ def apply_masks_(
         raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
     if impl == "reference":
         return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
+    if any(g.is_cuda for g in grads):
+        from . import _triton_kernels  # noqa: PLC0415 - imports Triton lazily
+
+        grads, keys, thresholds, scales, offsets = _triton_kernels.cuda_drop_grad_(
+            grads, keys, thresholds, scales, offsets, strict=impl == "fused"
+        )
+        if not grads:
+            return None
     kernels = _fused_kernel()
     if kernels is None:
         if impl == "fused":

@@ -1,0 +1,281 @@
+"""The GPU member of the kernel family: Triton on CUDA against the reference, the CPU and the wrapper.
+
+Two layers:
+
+* ``test_triton_kernel_in_the_interpreter`` runs the Triton kernel's own code on
+  CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, in a
+  subprocess) and compares it bit for bit with the reference kernel. It needs
+  Triton installed, not a GPU.
+* The other tests need CUDA (and skip cleanly without it): parity of the Triton
+  kernel with the reference kernel running on the same GPU, with the CPU kernels
+  (same masks on CPU and GPU), dispatch and fallbacks, the wrapper on a CUDA
+  model, ``torch.compile`` and AMP.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dropgrad import DropGrad, masks
+from dropgrad.functional import _single_tensor_drop_grad_, apply_masks_
+from test_kernels import FLOATS, _assert_same_bits, _grad
+
+TWO32 = 1 << 32
+HERE = os.path.dirname(os.path.abspath(__file__))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton installed")
+
+
+def _triton_or_skip():
+    from dropgrad import _triton_kernels  # noqa: PLC0415
+
+    if not _triton_kernels.available():
+        pytest.skip(f"Triton kernel unavailable: {_triton_kernels.unavailable_reason()}")
+    return _triton_kernels
+
+
+# ------------------------------------------------------- interpreter (no GPU)
+
+
+@needs_triton
+def test_triton_kernel_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_triton_interpret_worker.py")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "checked" in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------ CUDA parity
+
+CHUNK_EDGES = [0, 1, 7, 1023, 1024, 16383, 16384, 16385, 100_003]
+
+
+def _masked_pair(grads, keys, thr, scales, offsets):
+    ref = [g.clone() for g in grads]
+    fast = [g.clone() for g in grads]
+    _single_tensor_drop_grad_(ref, keys, thr, scales, offsets)
+    apply_masks_(fast, keys, thr, scales, offsets, impl="fused")
+    return ref, fast
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_triton_matches_reference_on_the_gpu(dtype):
+    _triton_or_skip()
+    for p in (0.0, 0.05, 0.5, 0.9, 1.0):
+        for rescale in (True, False):
+            scale = (0.0 if p == 1 else 1 / (1 - p)) if rescale else 1.0
+            for off in (0, TWO32 - 20_000, 5 * TWO32 + 3):
+                grads = [_grad(n, dtype, seed=n).cuda() for n in CHUNK_EDGES]
+                n = len(grads)
+                keys = [masks.derive_key(11, 3, j) for j in range(n)]
+                ref, fast = _masked_pair(grads, keys, [masks.keep_threshold(p)] * n, [scale] * n, [off] * n)
+                for a, b in zip(ref, fast):
+                    _assert_same_bits(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_every_half_bit_pattern(dtype):
+    _triton_or_skip()
+    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).cuda()
+    for scale in (1.0, 1 / 0.9, 2.0, 1 / 0.3, 0.0, 1e-5, 3e4):
+        ref, fast = _masked_pair([g], [masks.derive_key(1, 2, 3)], [masks.keep_threshold(0.4)], [scale], [0])
+        _assert_same_bits(ref[0], fast[0])
+
+
+@needs_cuda
+def test_triton_random_float_bit_patterns():
+    _triton_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    for dtype, itype in ((torch.float32, torch.int32), (torch.float64, torch.int64)):
+        info = torch.iinfo(itype)
+        g = torch.randint(info.min, info.max, (100_000,), dtype=itype, generator=gen).view(dtype).cuda()
+        ref, fast = _masked_pair([g], [masks.derive_key(9, 9, 9)], [masks.keep_threshold(0.2)], [1 / 0.8], [0])
+        _assert_same_bits(ref[0], fast[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_masks_equal_cpu_masks(dtype):
+    # the same counters give the same masks on CPU (C kernel) and GPU (Triton kernel)
+    key, thr = masks.derive_key(8, 8, 8), masks.keep_threshold(0.3)
+    for off in (0, TWO32 - 10, 7 * TWO32):
+        g = _grad(300_007, dtype)
+        cpu, gpu = g.clone(), g.cuda()
+        apply_masks_([cpu], [key], [thr], [1 / 0.7], [off])
+        apply_masks_([gpu], [key], [thr], [1 / 0.7], [off])
+        a, b = cpu, gpu.cpu()
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a == 0, b == 0)  # the same elements dropped
+        a[a.isnan()] = 0  # NaN payloads: each device's own conversion
+        b[b.isnan()] = 0
+        _assert_same_bits(a, b)
+        if dtype == torch.float32:  # and the bare mask, from the reference hash on the GPU
+            assert torch.equal(masks.keep_mask(300_007, key, thr, off, "cuda").cpu(), masks.keep_mask(300_007, key, thr, off))
+
+
+@needs_cuda
+def test_dispatch_mixes_devices_and_falls_back():
+    _triton_or_skip()
+    keys = [masks.derive_key(4, 5, j) for j in range(5)]
+    base = torch.randn(64, 33, device="cuda")
+    grads = [
+        torch.randn(1000, device="cuda"),
+        torch.randn(1000),  # CPU: the C kernel
+        base.t(),  # non-contiguous: the reference kernel, on the device
+        torch.randn(10, device="cuda", dtype=torch.complex64),  # complex: reference
+        torch.randn(5000, device="cuda", dtype=torch.bfloat16),
+    ]
+    n = len(grads)
+    thr, scales, offs = [masks.keep_threshold(0.5)] * n, [2.0] * n, [0] * n
+    ref = [g.clone() for g in grads]
+    fast = [g.clone() for g in grads]
+    _single_tensor_drop_grad_(ref, keys, thr, scales, offs)
+    apply_masks_(fast, keys, thr, scales, offs)
+    for a, b in zip(ref, fast):
+        assert torch.equal(torch.view_as_real(a) if a.is_complex() else a, torch.view_as_real(b) if b.is_complex() else b)
+    with pytest.raises(RuntimeError, match=r"grads\[2\].*not contiguous"):
+        apply_masks_([g.clone() for g in grads], keys, thr, scales, offs, impl="fused")
+
+
+@needs_cuda
+def test_without_triton_cuda_takes_the_reference(monkeypatch):
+    from dropgrad import _triton_kernels  # noqa: PLC0415
+
+    monkeypatch.setattr(_triton_kernels, "_kernel", None)
+    monkeypatch.setattr(_triton_kernels, "_reason", "disabled for this test")
+    g = _grad(50_000, torch.float32).cuda()
+    a, b = g.clone(), g.clone()
+    key, thr = masks.derive_key(1, 1, 1), masks.keep_threshold(0.25)
+    _single_tensor_drop_grad_([a], [key], [thr], [4 / 3], [0])
+    apply_masks_([b], [key], [thr], [4 / 3], [0])
+    _assert_same_bits(a, b)
+    with pytest.raises(RuntimeError, match="disabled for this test"):
+        apply_masks_([b], [key], [thr], [4 / 3], [0], impl="fused")
+
+
+# -------------------------------------------------------------- the wrapper
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).to(device)
+
+
+def _masked_grads(device, steps=3, p=0.3):
+    model = _model(device)
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), drop_rate=p, seed=123)
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=gen).to(device)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        # the gradients must agree before masking for the comparison to mean anything
+        out.append([p.grad.detach().cpu().clone() for p in model.parameters()])
+        opt.step()
+        out.append([p.grad.detach().cpu().clone() for p in model.parameters()])
+    return out
+
+
+@needs_cuda
+def test_wrapper_masks_the_same_elements_on_cpu_and_gpu():
+    cpu, gpu = _masked_grads("cpu"), _masked_grads("cuda")
+    for step, (a_list, b_list) in enumerate(zip(cpu, gpu)):
+        for a, b in zip(a_list, b_list):
+            if step % 2 == 0:
+                continue  # unmasked gradients: CPU and GPU matmuls round differently
+            assert torch.equal(a == 0, b == 0), f"different drop pattern at record {step}"
+    # with identical inputs the masked values are identical too
+    g = torch.randn(10_000)
+    a, b = g.clone(), g.cuda()
+    from dropgrad import drop_grad_  # noqa: PLC0415
+
+    drop_grad_(a, 0.3, seed=7, step=2)
+    drop_grad_(b, 0.3, seed=7, step=2)
+    _assert_same_bits(a, b.cpu())
+
+
+@needs_cuda
+def test_wrapper_trains_with_amp_and_resumes_exactly():
+    batches = [torch.randn(64, 32, generator=torch.Generator().manual_seed(100 + i)) for i in range(20)]
+
+    def run(start, steps, state=None):
+        model = _model("cuda")
+        opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), drop_rate=0.2, seed=3)
+        scaler = torch.amp.GradScaler("cuda")
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            scaler.load_state_dict(state["scaler"])
+        losses = []
+        for x in batches[start : start + steps]:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x.cuda()).float().square().mean()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        return model, opt, scaler, losses
+
+    _, opt, _, losses = run(0, 20)
+    assert losses[-1] < losses[0]
+    assert all(math.isfinite(v) for v in losses)
+    assert 0 < opt.step_count <= 20
+    # resume bitwise: 5 steps, save, 5 more, against 10 straight
+    m1, o1, s1, _ = run(0, 5)
+    state = {"model": m1.state_dict(), "opt": o1.state_dict(), "scaler": s1.state_dict()}
+    straight, *_ = run(0, 10)
+    resumed, *_ = run(5, 5, state)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_train_step_on_the_gpu(backend):
+    # the mask is excluded from tracing (a graph break) and runs eagerly; the result is the
+    # eager step's, bit for bit with the eager backend and to rounding with Inductor's kernels
+    _triton_or_skip()
+
+    def make():
+        model = _model("cuda")
+        return model, DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=0)
+
+    def step(model, opt, x):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    torch._dynamo.reset()
+    m_eager, o_eager = make()
+    m_comp, o_comp = make()
+    compiled = torch.compile(step, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, 32, generator=gen).cuda()
+        step(m_eager, o_eager, x)
+        compiled(m_comp, o_comp, x)
+    assert o_comp.step_count == o_eager.step_count == 3
+    for a, b in zip(m_eager.parameters(), m_comp.parameters()):
+        if backend == "eager":
+            assert torch.equal(a, b)
+        else:  # Inductor fuses the forward/backward differently: same masks, rounding-level differences
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            # the same drop pattern (independent masks at p=0.5 would disagree on half the elements)
+            assert ((a.grad == 0) != (b.grad == 0)).float().mean() < 1e-3
