@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_masks.py            # the full table (a few minutes on 2 cores)
     python benchmarks/bench_masks.py --quick    # fewer repetitions, for a smoke run
+    python benchmarks/bench_masks.py --device cuda   # the same rows on a GPU (Triton kernel)
 
 Prints one markdown table: for each parameter set, drop rate and thread count,
 the median time per step (ms) of
@@ -24,6 +25,13 @@ every row alike); gradients are restored from a pristine copy before each timed 
 so repeated masking never drives values to zero or infinity. Below the table:
 peak extra memory per step (from torch's CPU allocator, via the profiler's
 memory events) and the fused kernel's one-time build/load cost.
+
+With ``--device cuda`` every row runs on the GPU (the fast path is the Triton
+kernel of ``dropgrad/_triton_kernels.py``), each timed run ends with
+``torch.cuda.synchronize()`` (so launch overhead counts, as it does in
+training), the thread column reads ``gpu``, the memory figures come from
+``torch.cuda.max_memory_allocated`` and the one-time cost is Triton's compile
+of the kernel into an empty cache.
 """
 
 from __future__ import annotations
@@ -90,6 +98,14 @@ SETS = {"flat 10M": flat_set, "transformer-like": transformer_set, "ResNet-50-li
 # ------------------------------------------------------------------ timing
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+DEVICE = torch.device("cpu")
+
+
 def interleaved_medians(rows: dict, restore, reps: int, warmup: int) -> dict[str, float]:
     """Median ms of each row's callable, the timed runs interleaved row by row.
 
@@ -104,8 +120,10 @@ def interleaved_medians(rows: dict, restore, reps: int, warmup: int) -> dict[str
     for _ in range(reps):
         for name, fn in rows.items():
             restore()
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - t0)
     out = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     out.update({f"min {name}": min(t) * 1e3 for name, t in times.items()})
@@ -127,7 +145,14 @@ def _quiet_stderr():
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak bytes held by torch's CPU allocator during ``fn()``, above what was held before."""
+    """Peak bytes held by torch's allocator (CPU, or CUDA's) during ``fn()``, above what was held before."""
+    if DEVICE.type == "cuda":
+        _sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        _sync()
+        return max(0, torch.cuda.max_memory_allocated(DEVICE) - before)
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     with _quiet_stderr():
@@ -153,7 +178,7 @@ def peak_extra_bytes(fn) -> int:
 
 def make_grads(shapes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    pristine = [torch.randn(s, generator=gen) for s in shapes]
+    pristine = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
     return pristine, [g.clone() for g in pristine]
 
 
@@ -188,7 +213,7 @@ def bench_config(shapes, p: float, reps: int, warmup: int, reference: bool = Tru
         "fast": lambda: apply_masks_(grads, keys, thr, scales, offsets, impl="fused"),
     }
     for variant, kwargs in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        params = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in shapes]
         for prm, g in zip(params, grads):
             prm.grad = g
         fast_rows[f"adamw {variant}"] = torch.optim.AdamW(params, lr=1e-3, **kwargs).step
@@ -210,7 +235,7 @@ def memory_rows(shapes, p: float) -> dict[str, int]:
         "fast": peak_extra_bytes(lambda: apply_masks_(grads, *args, impl="fused")),
     }
     if DropGrad is not None:
-        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        params = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in shapes]
         for prm, g in zip(params, grads):
             prm.grad = g
         bare = torch.optim.AdamW(params, lr=1e-3, fused=True)
@@ -222,8 +247,35 @@ def memory_rows(shapes, p: float) -> dict[str, int]:
     return out
 
 
+def warmup_costs_cuda() -> dict[str, float]:
+    """The Triton kernel's one-time cost: its first call compiles it (into an empty Triton cache)."""
+    from dropgrad import _triton_kernels  # noqa: PLC0415
+
+    if not _triton_kernels.available():
+        return {}
+    out = {}
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp  # read when the kernel is first compiled
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.randn(1000, device=DEVICE).to(dtype)
+            for what in ("first call, compile", "second call"):
+                _sync()
+                t0 = time.perf_counter()
+                apply_masks_([g], [(1, 2)], [1 << 31], [2.0], [0], impl="fused")
+                _sync()
+                out[f"{what} {str(dtype)[6:]} (s)"] = time.perf_counter() - t0
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+    return out
+
+
 def warmup_costs() -> dict[str, float]:
     """The fused kernel's one-time costs: a cold build into an empty cache, a load from the cache, a first call."""
+    if DEVICE.type == "cuda":
+        return warmup_costs_cuda()
     saved = os.environ.get("DROPGRAD_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DROPGRAD_CACHE_DIR"] = tmp
@@ -254,7 +306,7 @@ def warmup_costs() -> dict[str, float]:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
 
 
 def _load() -> str:
@@ -271,10 +323,22 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.5], help="drop rates (default: 0.1 0.5)")
     ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="parameter sets (default: all)")
     ap.add_argument("--skip-reference", action="store_true", help="leave out the (slow) reference-path row")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the gradients live")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    gpu = DEVICE.type == "cuda"
     reps, warmup = (3, 1) if args.quick else (9, 2)
+    if gpu:  # steps take a millisecond or less: many more runs cost nothing
+        reps, warmup = (10, 3) if args.quick else (50, 10)
+        args.threads = [torch.get_num_threads()]
 
-    if not _kernels.available():
+    if gpu:
+        from dropgrad import _triton_kernels  # noqa: PLC0415
+
+        if not _triton_kernels.available():
+            print(f"WARNING: Triton kernel unavailable ({_triton_kernels.unavailable_reason()}); 'fast' is the reference path")
+    elif not _kernels.available():
         print(f"WARNING: fused kernel unavailable ({_kernels.unavailable_reason()}); 'fast' is the reference path")
     costs = warmup_costs()
     cpu = platform.processor() or platform.machine()
@@ -284,10 +348,16 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     print(f"# dropgrad mask benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}")
-    print(
-        f"# {cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; python {platform.python_version()}; "
-        f"{_kernels.build_info().get('compiler', 'no compiler')} {_kernels.build_info().get('flags', '')}"
-    )
+    if gpu:
+        import triton  # noqa: PLC0415
+
+        print(f"# {torch.cuda.get_device_name(DEVICE)}; host {cpu}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"python {platform.python_version()}")
+    else:
+        print(
+            f"# {cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; python {platform.python_version()}; "
+            f"{_kernels.build_info().get('compiler', 'no compiler')} {_kernels.build_info().get('flags', '')}"
+        )
     print(
         f"# ms per step: medians of {reps} runs after {warmup} warm-up (obvious and reference: 3 after 1), "
         f"runs interleaved across rows; {_load()} at start"
@@ -310,7 +380,7 @@ def main() -> None:
                 torch.set_num_threads(nt)
                 r = bench_config(shapes, p, reps, warmup, reference=not args.skip_reference)
                 cells = [
-                    name, str(len(shapes)), f"{numel / 1e6:.1f}M", f"{p:g}", str(nt),
+                    name, str(len(shapes)), f"{numel / 1e6:.1f}M", f"{p:g}", "gpu" if gpu else str(nt),
                     _fmt(r["floor"]), _fmt(r["obvious"]), _fmt(r["reference"]) if "reference" in r else "-", _fmt(r["fast"]),
                     f"{r['fast'] / r['floor']:.2f}x", f"{r['obvious'] / r['fast']:.0f}x",
                 ]
@@ -326,7 +396,7 @@ def main() -> None:
 
     print()
     print(f"# {_load()} at end")
-    print("# peak extra memory per step (MB, torch CPU allocator; p=0.5, 2 threads):")
+    print(f"# peak extra memory per step (MB, torch {'CUDA' if gpu else 'CPU'} allocator; p=0.5{'' if gpu else ', 2 threads'}):")
     torch.set_num_threads(min(2, saved_threads))
     for name in args.sets:
         shapes = SETS[name]()
@@ -335,7 +405,7 @@ def main() -> None:
         parts = [f"{k} {v / 1e6:.1f} ({v / numel:.1f} B/elem)" for k, v in m.items()]
         print(f"#   {name}: " + ", ".join(parts))
     torch.set_num_threads(saved_threads)
-    print("# fused kernel one-time cost: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+    print(f"# {'Triton' if gpu else 'fused'} kernel one-time cost: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
 
 
 if __name__ == "__main__":
