@@ -114,6 +114,37 @@ def test_parity_sizes_offsets(dtype, p):
 
 
 @needs_fused
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_parity_block_boundaries(dtype, threads):
+    # the C loops take the first hash round in 32-element blocks aligned on the element index, with a
+    # table per 2**16-element run: heads, tails, run and high-word boundaries at every alignment
+    offsets = [0, 1, 31, 32, 33, 65_536 - 40, 65_536 - 32, 65_535, 3 * 65_536 + 5, TWO32 - 65_536 - 7, TWO32 - 33,
+               7 * TWO32 + 65_536 - 3]
+    lengths = [1, 31, 32, 33, 64, 95, 200, 65_536 + 70]
+    grads, keys, offs = [], [], []
+    for off in offsets:
+        for n in lengths:
+            grads.append(_grad(n, dtype, seed=len(grads)))
+            keys.append(masks.derive_key(17, 5, len(keys)))
+            offs.append(off)
+    k = len(grads)
+    args = (keys, [masks.keep_threshold(0.3)] * k, [_scale(0.3)] * k, offs)
+    ref = [g.clone() for g in grads]
+    _single_tensor_drop_grad_(ref, *args)
+    for nthreads in (1, 2):
+        threads(nthreads)
+        fused = [g.clone() for g in grads]
+        _kernels.fused_drop_grad_(fused, *args, strict=True)
+        for a, b in zip(ref, fused):
+            if dtype == torch.float16:  # NaN payloads: see test_parity_sizes_offsets
+                a, b = a.clone(), b.clone()
+                assert torch.equal(a.isnan(), b.isnan())
+                a[a.isnan()] = 0
+                b[b.isnan()] = 0
+            _assert_same_bits(a, b)
+
+
+@needs_fused
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_parity_every_half_value(dtype):
     # all 65536 bit patterns (NaN payloads, subnormals, overflow to inf) through rescales
