@@ -124,6 +124,18 @@ static inline uint16_t float_to_bf16(float f) {
  * DG_MASK_LOOP(STEP) runs STEP(i, factor) over elements [0, n), factor fk for
  * kept elements and f0 for dropped ones (fk for all when `all`). */
 #define DG_BLOCK 32
+/* One thread's pass is bound by how many cache misses it has in flight, and
+ * the hash's instructions fill the out-of-order window; a software prefetch
+ * this many bytes ahead (per 64-byte line of each block) brings a one-thread
+ * float32 pass from ~1.35x to ~1.05x the time of a plain g *= c pass. */
+#ifndef DG_PREFETCH_AHEAD
+#define DG_PREFETCH_AHEAD 4096
+#endif
+#if defined(__GNUC__)
+#define DG_PREFETCH(p) __builtin_prefetch((p), 1, 3)
+#else
+#define DG_PREFETCH(p) ((void)0)
+#endif
 #define DG_MASK_LOOP(STEP)                                                                              \
     do {                                                                                                \
         if (all) {                                                                                      \
@@ -147,6 +159,8 @@ static inline uint16_t float_to_bf16(float f) {
             for (uint32_t k = 0; k < DG_BLOCK; k++) L[k] = (k ^ klo) * 0x85EBCA6Bu;                     \
             for (int64_t b = 0; b < nb; b++, i += DG_BLOCK, x += DG_BLOCK) {                            \
                 const uint32_t s = (x ^ khi) * 0x85EBCA6Bu;                                             \
+                for (size_t pb = 0; pb < DG_BLOCK * sizeof(*g); pb += 64)                               \
+                    DG_PREFETCH((const char *)(g + i) + DG_PREFETCH_AHEAD + pb);                        \
                 for (int k = 0; k < DG_BLOCK; k++) STEP(i + k, keep_rest(s + L[k], c1x, thr) ? fk : f0); \
             }                                                                                           \
         }                                                                                               \
