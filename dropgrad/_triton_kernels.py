@@ -25,6 +25,7 @@ torch's own CUDA ``mul_`` uses.
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 import sys
@@ -100,9 +101,10 @@ def supported(g: torch.Tensor, offset: int = 0) -> str | None:
 
 
 def _scale_bits(scale: float, wide: bool) -> int:
+    """The factor's bit pattern (unsigned): float64 for float64 tensors, else float32 as C's (float) rounds."""
     if wide:
-        return struct.unpack("<q", struct.pack("<d", scale))[0]
-    return struct.unpack("<i", struct.pack("<f", scale))[0]  # rounds to float32 as C's (float) does
+        return struct.unpack("<Q", struct.pack("<d", scale))[0]
+    return struct.unpack("<I", struct.pack("<f", scale))[0]
 
 
 def cuda_drop_grad_(grads, keys, thresholds, scales, offsets, strict: bool):
@@ -182,42 +184,81 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+class _Launch:
+    """A table and chunk map on the device for one (device, dtype) group, ready to launch."""
+
+    __slots__ = ("dtype", "device", "table", "chunks", "nprograms")
+
+    def __init__(self, dtype, device, rows: array, numels: list[int]):
+        from ._triton_masks import _CHUNK  # noqa: PLC0415
+
+        counts = [-(-m // _CHUNK) for m in numels]
+        first = 0
+        for r, c in enumerate(counts):  # column 7: the program id of the row's first chunk
+            rows[r * _COLS + 7] = first
+            first += c
+        chunk_map = array("q")
+        for r, c in enumerate(counts):  # program -> row
+            chunk_map.extend(array("q", [r]) * c)
+        host = torch.frombuffer(rows + chunk_map, dtype=torch.int64)
+        if device.type == "cuda":
+            # pinned and non-blocking: no host-device synchronization; torch's caching host
+            # allocator keeps the pinned block until the copy is done
+            buf = host.pin_memory().to(device, non_blocking=True)
+        else:  # Triton's interpreter (tests)
+            buf = host.clone()
+        self.dtype, self.device = dtype, device
+        self.table, self.chunks, self.nprograms = buf[: len(rows)], buf[len(rows) :], first
+
+    def __call__(self, prefix, stream, uniform) -> None:
+        launch = _load()
+        if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
+            with torch.cuda.device(self.device):
+                launch(self.dtype, self.table, self.chunks, self.nprograms, prefix, stream, uniform)
+        else:
+            launch(self.dtype, self.table, self.chunks, self.nprograms, prefix, stream, uniform)
+
+
+def _groups(grads) -> dict:
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for j, g in enumerate(grads):
+        out.setdefault((g.device, g.dtype), []).append(j)
+    return out
+
+
 def _mask_rows(grads, keys, thresholds, scales, offsets, prefix: int | None, stream: int) -> None:
-    """Build the table (keys, or with ``prefix`` tensor indices whose keys the kernel derives) and launch."""
-    launch = _load()
-    if launch is None:
+    """Mask ``grads`` (non-empty, servable): ``keys`` are key pairs, or with ``prefix`` tensor indices."""
+    if _load() is None:
         raise RuntimeError(f"the Triton mask kernel is unavailable: {_reason}")
     derive = prefix is not None
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for j, (g, thr, scale) in enumerate(zip(grads, thresholds, scales)):
-        if thr >= _TWO32 and scale == 1.0:
-            continue  # the reference leaves these untouched too
-        groups.setdefault((g.device, g.dtype), []).append(j)
     bits_cache: dict[tuple[float, bool], int] = {}
-    header = (_signed64(prefix), _signed64(stream)) if derive else (0, 0)
-    for (device, dtype), members in groups.items():
+    masked = []
+    for (device, dtype), members in _groups(grads).items():
         wide = dtype == torch.float64
-        table = array("q", header + (0,) * (_COLS - 2))
-        max_numel = 0
+        rows, numels = array("q"), []
         for j in members:
-            g, key, scale = grads[j], keys[j], float(scales[j])
+            g, key, scale, thr = grads[j], keys[j], float(scales[j]), int(thresholds[j])
+            if thr >= _TWO32 and scale == 1.0:
+                continue  # the reference leaves these untouched too
             numel = g.numel()
-            max_numel = max(max_numel, numel)
+            if numel == 0:
+                continue
             bits = bits_cache.get((scale, wide))
             if bits is None:
                 bits = bits_cache[(scale, wide)] = _scale_bits(scale, wide)
-            thr = min(max(int(thresholds[j]), 0), _TWO32)
-            if derive:  # key: the tensor's index
-                table.extend((g.data_ptr(), numel, _signed64(key), 0, thr, bits, offsets[j], 0))
-            else:
-                table.extend((g.data_ptr(), numel, key[0], key[1], thr, bits, offsets[j], 0))
-        if max_numel == 0:
-            continue
-        host = torch.frombuffer(table, dtype=torch.int64)
-        meta = host.to(device) if device.type != "cpu" else host
-        with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-            launch(dtype, meta, 0, len(members), max_numel, derive)
-    _bump_versions([grads[j] for members in groups.values() for j in members])
+            k0, k1 = (_signed64(key), 0) if derive else key
+            rows.extend((g.data_ptr(), numel, k0, k1, min(max(thr, 0), _TWO32), _signed64(bits), offsets[j], 0))
+            numels.append(numel)
+            masked.append(g)
+        if numels:
+            _Launch(dtype, device, rows, numels)(prefix, stream, None)
+    _bump_versions(masked)
+
+
+# device tables of recent DropGrad plans, keyed by everything they were built from: in the
+# steady state the gradients come back at the same addresses, and a step reuses its table
+_plan_tables: dict = {}
+_PLAN_TABLES_KEPT = 4
 
 
 def mask_planned_(plan, prefix: int, stream: int, rescale: bool, strict: bool = False) -> list | None:
@@ -225,54 +266,111 @@ def mask_planned_(plan, prefix: int, stream: int, rescale: bool, strict: bool = 
 
     ``plan`` holds ``(index, parameter, rate)``; the key of an entry is
     ``masks.key_from_prefix(prefix, index, stream)``, computed by the kernel, so
-    the host does no per-tensor hashing. Entries whose gradient this kernel
-    cannot serve (None, rate 0 and zero-size gradients aside, which need
-    nothing) come back for the general path; with ``strict`` and any such entry
-    nothing is masked and the whole plan comes back. Returns None when Triton
-    is unavailable.
+    the host does no per-tensor hashing. The device table of a plan is cached
+    (keyed by the gradients' addresses, sizes, dtypes, indices and rates) and
+    the per-step values (prefix, stream, and the rate when all entries share
+    one) are kernel arguments, so a steady-state step uploads nothing and never
+    synchronizes with the device. Entries whose gradient this kernel cannot
+    serve (None, rate-0 and zero-size gradients aside, which need nothing) come
+    back for the general path; with ``strict`` and any such entry nothing is
+    masked and the whole plan comes back. Returns None when Triton is unavailable.
     """
     if _load() is None:
         return None
     from .functional import _scale_for  # noqa: PLC0415 - functional imports this module lazily
     from .masks import keep_threshold  # noqa: PLC0415
 
-    grads, indices, thrs, scs, offs, left = [], [], [], [], [], []
-    per_rate: dict[float, tuple[int, float]] = {}
-    dtypes = _DTYPES
-    for entry in plan:
-        index, p, rate = entry
-        g = p.grad
-        if g is None or rate == 0.0:
-            continue
-        if not (
-            type(g) is torch.Tensor and g.is_cuda and g.dtype in dtypes and not g.requires_grad
-            and g.layout is torch.strided and g.is_contiguous() and not g.is_neg()
-        ):
-            left.append(entry)
-            continue
-        if g.numel() == 0:
-            continue
-        hit = per_rate.get(rate)
-        if hit is None:
-            hit = per_rate[rate] = (keep_threshold(rate), _scale_for(rate, rescale))
-        grads.append(g)
-        indices.append(index)
-        thrs.append(hit[0])
-        scs.append(hit[1])
-        offs.append(0)
-    if strict and left:
-        return list(plan)
-    if grads:
-        _eager(_mask_rows)(grads, indices, thrs, scs, offs, prefix, stream)
+    if not plan:
+        return []
+    indices, params, rates = zip(*plan)
+    grads = list(map(_get_grad, params))
+    if 0.0 not in rates and _all_servable(grads):  # the common case, checked list-wide in C-level passes
+        taken, left = plan, []
+    else:
+        taken, left = [], []
+        for entry, g in zip(plan, grads):
+            if g is None or entry[2] == 0.0:
+                continue
+            (taken if _all_servable([g]) else left).append(entry)
+        if strict and left:
+            return list(plan)
+        if not taken:
+            return left
+        indices, params, rates = zip(*taken)
+        grads = list(map(_get_grad, params))
+    ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+    numels = tuple(map(torch.Tensor.numel, grads))
+    kinds = (tuple(map(torch.Tensor.get_device, grads)), tuple(map(_get_dtype, grads)))
+    rate_set = set(rates)
+    uniform = len(rate_set) == 1
+    key = (ptrs, numels, kinds, indices, rescale, None if uniform else rates)
+    launches = _plan_tables.get(key)
+    if launches is None:
+        launches = _build_plan(grads, indices, rates, numels, rescale, uniform)
+        if len(_plan_tables) >= _PLAN_TABLES_KEPT:
+            _plan_tables.clear()
+        _plan_tables[key] = launches
+    per_dtype = None
+    if uniform:
+        rate = rates[0]
+        thr, scale = keep_threshold(rate), _scale_for(rate, rescale)
+        per_dtype = {False: (thr, _scale_bits(scale, False)), True: (thr, _scale_bits(scale, True))}
+    run = _eager(_run_launches)
+    run(launches, prefix, stream, per_dtype)
+    _bump_versions(grads)
     return left
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+_get_grad = operator.attrgetter("grad")
+_get_dtype = operator.attrgetter("dtype")
+_get_layout = operator.attrgetter("layout")
+_get_requires_grad = operator.attrgetter("requires_grad")
+_get_is_cuda = operator.attrgetter("is_cuda")
+_TENSOR_ONLY = {torch.Tensor}
+_STRIDED_ONLY = {torch.strided}
+_DTYPE_SET = set(_DTYPES)
 
-    def __exit__(self, *exc):
-        return False
+
+def _all_servable(grads: list) -> bool:
+    """Whether the kernel can mask every tensor of ``grads`` (Nones and subclasses fail), list-wide."""
+    return (
+        set(map(type, grads)) == _TENSOR_ONLY
+        and (_INTERPRET or all(map(_get_is_cuda, grads)))
+        and set(map(_get_dtype, grads)) <= _DTYPE_SET
+        and set(map(_get_layout, grads)) == _STRIDED_ONLY  # before is_contiguous, which sparse layouts refuse
+        and not any(map(_get_requires_grad, grads))
+        and all(map(torch.Tensor.is_contiguous, grads))
+        and not any(map(torch.Tensor.is_neg, grads))
+    )
+
+
+def _run_launches(launches, prefix, stream, per_dtype) -> None:
+    for launch in launches:  # (rate-0 entries never reach a table)
+        launch(prefix, stream, None if per_dtype is None else per_dtype[launch.dtype == torch.float64])
+
+
+def _build_plan(grads, indices, rates, numels, rescale, uniform) -> list[_Launch]:
+    from .functional import _scale_for  # noqa: PLC0415
+    from .masks import keep_threshold  # noqa: PLC0415
+
+    launches = []
+    for (device, dtype), members in _groups(grads).items():
+        wide = dtype == torch.float64
+        rows, sizes = array("q"), []
+        for j in members:
+            if numels[j] == 0:
+                continue
+            if uniform:
+                thr, bits = 0, 0  # from the kernel's arguments
+            else:
+                rate = rates[j]
+                thr, bits = keep_threshold(rate), _signed64(_scale_bits(_scale_for(rate, rescale), wide))
+            rows.extend((grads[j].data_ptr(), numels[j], _signed64(indices[j]), 0, thr, bits, 0, 0))
+            sizes.append(numels[j])
+        if sizes:
+            launches.append(_Launch(dtype, device, rows, sizes))
+    return launches
+
 
 
 def _bump_versions(tensors: list[torch.Tensor]) -> None:

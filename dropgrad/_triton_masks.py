@@ -14,7 +14,6 @@ import triton.language as tl
 _BLOCK = 1024  # elements per vector step of a program
 _CHUNK = 4 * _BLOCK  # elements per program (the steps unrolled, so their loads overlap)
 _COLS = 8  # int64 words per tensor in the table
-_MAX_GRID_Y = 65535  # CUDA's cap on the second grid dimension
 
 
 @triton.jit
@@ -27,20 +26,27 @@ def _splitmix64(x):
 
 
 @triton.jit
-def _masks_kernel(table_ptr, first_row, OUT_DTYPE: tl.constexpr, WIDE: tl.constexpr, DERIVE: tl.constexpr,
+def _arg32(x):
+    # a per-call 32-bit value, passed as value + 2**40 so that Triton always types it int64
+    # (no recompile when a value crosses 2**31) and, with do_not_specialize, never specializes on it
+    return x.to(tl.uint32)
+
+
+@triton.jit(do_not_specialize=["prefix_lo", "prefix_hi", "stream_lo", "stream_hi", "thr_arg", "bits_lo", "bits_hi"])
+def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream_hi, thr_arg, bits_lo, bits_hi,
+                  OUT_DTYPE: tl.constexpr, WIDE: tl.constexpr, DERIVE: tl.constexpr, UNIFORM: tl.constexpr,
                   COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # row 0 of the table is a header (prefix, stream); program (c, j) masks chunk c of the
-    # tensor of row 1 + first_row + j, and exits at once past the tensor's end
-    c = tl.program_id(0)
-    row = table_ptr + (1 + first_row + tl.program_id(1)) * COLS
+    # program pid masks one chunk of one tensor: chunks_ptr[pid] is the tensor's table row, and the
+    # row's column 7 the program id of its first chunk. Per-step values come as arguments, so a
+    # table cached on the device serves every step without a host-to-device copy.
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(chunks_ptr + pid).to(tl.int64) * COLS
     numel = tl.load(row + 1)
-    start = c.to(tl.int64) * CHUNK
-    if start >= numel:
-        return
+    start = (pid - tl.load(row + 7)) * CHUNK
     ptr = tl.load(row).to(tl.pointer_type(OUT_DTYPE))
-    if DERIVE:  # masks.key_from_prefix(prefix, index, stream) with index in column 2
-        prefix = tl.load(table_ptr).to(tl.uint64, bitcast=True)
-        stream = tl.load(table_ptr + 1).to(tl.uint64, bitcast=True)
+    if DERIVE:  # masks.key_from_prefix(prefix, index, stream), the index in column 2
+        prefix = (_arg32(prefix_hi).to(tl.uint64) << 32) | _arg32(prefix_lo).to(tl.uint64)
+        stream = (_arg32(stream_hi).to(tl.uint64) << 32) | _arg32(stream_lo).to(tl.uint64)
         z = _splitmix64(prefix ^ tl.load(row + 2).to(tl.uint64, bitcast=True))
         z = _splitmix64(z ^ stream)
         k0 = z.to(tl.uint32)
@@ -48,13 +54,17 @@ def _masks_kernel(table_ptr, first_row, OUT_DTYPE: tl.constexpr, WIDE: tl.conste
     else:
         k0 = tl.load(row + 2).to(tl.uint32)
         k1 = tl.load(row + 3).to(tl.uint32)
-    thr = tl.load(row + 4)  # int64 in [0, 2**32]: 2**32 keeps every element
-    bits = tl.load(row + 5)
+    if UNIFORM:  # one rate for every tensor: threshold and factor bits from the arguments
+        thr = thr_arg - 1099511627776  # 2**40 bias; int64 in [0, 2**32]
+        bits = ((_arg32(bits_hi).to(tl.uint64) << 32) | _arg32(bits_lo).to(tl.uint64)).to(tl.int64, bitcast=True)
+    else:
+        thr = tl.load(row + 4)  # int64 in [0, 2**32]: 2**32 keeps every element
+        bits = tl.load(row + 5)
     off = tl.load(row + 6)
     if WIDE:  # float64: the factor is the double itself
         fk = bits.to(tl.float64, bitcast=True)
-    else:  # float32/float16/bfloat16: torch multiplies in float32
-        fk = bits.to(tl.int32).to(tl.float32, bitcast=True)
+    else:  # float32/float16/bfloat16: torch multiplies in float32 (bits: the float32 pattern)
+        fk = bits.to(tl.uint32).to(tl.float32, bitcast=True)
     f0 = fk * 0.0
     for t in tl.static_range(0, CHUNK, BLOCK):
         i = start + t + tl.arange(0, BLOCK)
@@ -96,11 +106,24 @@ _TYPES = {
 }
 
 
-def launch(dtype: torch.dtype, table: torch.Tensor, first_row: int, rows: int, max_numel: int,
-           derive: bool) -> None:
-    """Mask the tensors of rows ``1 + first_row ..`` of ``table`` (a device int64 tensor, row 0 the header)."""
-    for r in range(0, rows, _MAX_GRID_Y):  # CUDA caps the second grid dimension
-        _masks_kernel[(-(-max_numel // _CHUNK), min(rows - r, _MAX_GRID_Y))](
-            table, first_row + r, OUT_DTYPE=_TYPES[dtype], WIDE=dtype == torch.float64, DERIVE=derive,
-            COLS=_COLS, CHUNK=_CHUNK, BLOCK=_BLOCK,
-        )
+_BIAS = 1 << 40
+
+
+def launch(dtype: torch.dtype, table: torch.Tensor, chunks: torch.Tensor, nprograms: int, prefix: int | None,
+           stream: int, uniform: tuple[int, int] | None) -> None:
+    """Mask the tensors of ``table`` (device int64, ``_COLS`` words a row) with one program per chunk.
+
+    ``chunks`` (device int32) maps each program to its row. With ``prefix`` the
+    keys are derived from the rows' indices; with ``uniform = (threshold,
+    factor bits)`` every row uses those instead of its own columns 4-5.
+    """
+    p = 0 if prefix is None else prefix
+    thr, bits = uniform if uniform is not None else (0, 0)
+    m32 = 0xFFFFFFFF
+    _masks_kernel[(nprograms,)](
+        table, chunks,
+        (p & m32) + _BIAS, (p >> 32 & m32) + _BIAS, (stream & m32) + _BIAS, (stream >> 32 & m32) + _BIAS,
+        thr + _BIAS, (bits & m32) + _BIAS, (bits >> 32 & m32) + _BIAS,
+        OUT_DTYPE=_TYPES[dtype], WIDE=dtype == torch.float64, DERIVE=prefix is not None, UNIFORM=uniform is not None,
+        COLS=_COLS, CHUNK=_CHUNK, BLOCK=_BLOCK,
+    )

@@ -30,18 +30,22 @@ def check(grads, keys, thresholds, scales, offsets, what):
         assert why is None, f"{what}: kernel refuses a tensor: {why}"
     tk.triton_drop_grad_(fast, keys, thresholds, scales, offsets)
     for j, (a, b) in enumerate(zip(ref, fast)):
-        if a.element_size() == 2:
-            # NaN payloads of float16/bfloat16: the interpreter converts with numpy, not with the
-            # GPU's instruction (whose payloads tests/test_cuda.py checks on a GPU); NaN stays NaN
-            if not torch.equal(a.isnan(), b.isnan()):
-                sys.exit(f"MISMATCH {what}, tensor {j}: NaN positions differ")
-            a, b = a.clone(), b.clone()
-            a[a.isnan()] = 0
-            b[b.isnan()] = 0
-        try:
-            _assert_same_bits(a, b)
-        except AssertionError as exc:
-            sys.exit(f"MISMATCH {what}, tensor {j} ({a.dtype}, {a.numel()} elements): {exc}")
+        same(a, b, f"{what}, tensor {j} ({a.dtype}, {a.numel()} elements)")
+
+
+def same(a, b, what):
+    if a.element_size() == 2:
+        # NaN payloads of float16/bfloat16: the interpreter converts with numpy, not with the
+        # GPU's instruction (whose payloads tests/test_cuda.py checks on a GPU); NaN stays NaN
+        if not torch.equal(a.isnan(), b.isnan()):
+            sys.exit(f"MISMATCH {what}: NaN positions differ")
+        a, b = a.clone(), b.clone()
+        a[a.isnan()] = 0
+        b[b.isnan()] = 0
+    try:
+        _assert_same_bits(a, b)
+    except AssertionError as exc:
+        sys.exit(f"MISMATCH {what}: {exc}")
 
 
 def main() -> None:
@@ -82,11 +86,35 @@ def main() -> None:
         fast = [g.clone() for g in grads]
         tk._mask_rows(fast, indices, thr, sc, offs, prefix, stream)
         for j, (a, b) in enumerate(zip(ref, fast)):
-            try:
-                _assert_same_bits(a, b)
-            except AssertionError as exc:
-                sys.exit(f"MISMATCH derived keys prefix={prefix} stream={stream} index={indices[j]}: {exc}")
+            same(a, b, f"derived keys prefix={prefix} stream={stream} index={indices[j]}")
         count += n
+    # the DropGrad plan path: device tables cached across steps, per-step values as arguments
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=d)) for n, d in
+              ((5000, torch.float32), (300, torch.bfloat16), (9000, torch.float16), (10, torch.float64), (64, torch.float32))]
+    for rates in ((0.3,) * 5, (0.1, 0.5, 0.9, 0.3, 0.0)):
+        plan = [(j if j != 3 else 2**40, p, r) for j, (p, r) in enumerate(zip(params, rates))]
+        for step, realloc in ((0, False), (1, False), (2, True), (3, False)):
+            for j, p in enumerate(params):
+                fresh = _grad(p.numel(), p.dtype, seed=10 * step + j)
+                if p.grad is None or realloc:
+                    p.grad = fresh
+                else:
+                    p.grad.copy_(fresh)  # same addresses: the cached table is reused
+            prefix, stream = masks.step_prefix(99, step), step % 2
+            expect = [p.grad.clone() for p in params]
+            for (index, _, rate), g in zip(plan, expect):
+                if rate:
+                    _single_tensor_drop_grad_([g], [masks.key_from_prefix(prefix, index, stream)],
+                                              [masks.keep_threshold(rate)], [1 / (1 - rate)], [0])
+            tables_before = len(tk._plan_tables)
+            left = tk.mask_planned_(plan, prefix, stream, True)
+            if left != []:
+                sys.exit(f"MISMATCH plan path left {left}")
+            if step in (1, 3) and len(tk._plan_tables) != tables_before:
+                sys.exit(f"plan path rebuilt its table at step {step} although no gradient moved")
+            for j, (p, g) in enumerate(zip(params, expect)):
+                same(p.grad, g, f"plan path rates={rates} step={step} tensor {j}")
+            count += len(params)
     print(f"checked {count} tensors: bitwise equal to the reference")
 
 

@@ -165,6 +165,72 @@ def test_without_triton_cuda_takes_the_reference(monkeypatch):
         apply_masks_([b], [key], [thr], [4 / 3], [0], impl="fused")
 
 
+@needs_cuda
+def test_planned_path_derives_the_keys_on_the_gpu():
+    tk = _triton_or_skip()
+    prefix, stream = masks.step_prefix(2**63 + 11, 5), 2
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda", dtype=d)) for n, d in
+              ((5000, torch.float32), (300, torch.bfloat16), (70_000, torch.float16), (10, torch.float64))]
+    for j, p in enumerate(params):
+        p.grad = _grad(p.numel(), p.dtype, seed=j).cuda()
+    params.append(torch.nn.Parameter(torch.zeros(8, 8, device="cuda")))
+    params[4].grad = torch.randn(8, 8, device="cuda").t()  # non-contiguous: left to the caller
+    extra = torch.nn.Parameter(torch.zeros(3, device="cuda"))  # no gradient: nothing to do
+    plan = [(0, params[0], 0.1), (1, params[1], 0.5), (7, params[2], 0.9), (2**40, params[3], 0.3),
+            (4, params[4], 0.2), (5, extra, 0.5), (6, params[0], 0.0)]
+    expect = [p.grad.clone() for p in params[:4]]
+    for (index, _, rate), g in zip(plan, expect):
+        _single_tensor_drop_grad_([g], [masks.key_from_prefix(prefix, index, stream)], [masks.keep_threshold(rate)],
+                                  [1 / (1 - rate)], [0])
+    before = params[4].grad.clone()
+    assert tk.mask_planned_(plan, prefix, stream, True, strict=True) == plan  # strict: nothing masked
+    _assert_same_bits(params[0].grad, _grad(5000, torch.float32, seed=0).cuda())
+    left = tk.mask_planned_(plan, prefix, stream, True)
+    assert left == [plan[4]]
+    for p, g in zip(params[:4], expect):
+        _assert_same_bits(p.grad, g)
+    assert torch.equal(params[4].grad, before)
+
+
+@needs_cuda
+def test_plan_steps_reuse_the_device_table_and_never_synchronize():
+    tk = _triton_or_skip()
+    model = _model("cuda")
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.25, seed=1)
+    x = torch.randn(16, 32, device="cuda")
+    tk._plan_tables.clear()
+    for step in range(6):
+        opt.zero_grad(set_to_none=False)  # gradients stay where they are
+        model(x).square().mean().backward()
+        if step == 3:
+            torch.cuda.set_sync_debug_mode("error")  # any host-device synchronization raises
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(tk._plan_tables) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", [None, "fused", "reference"])
+def test_wrapper_on_the_gpu_matches_the_reference_bitwise(impl):
+    # the same gradients masked by DropGrad on the GPU with each kernel choice, and by hand
+    if impl != "reference":
+        _triton_or_skip()
+    model = _model("cuda")
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), params={"0": 0.3, "2": 0.6}, model=model, seed=42, impl=impl)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    for step in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        raw = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        rates = [0.3, 0.3, 0.6, 0.6]
+        for j, (p, g, rate) in enumerate(zip(model.parameters(), raw, rates)):
+            _single_tensor_drop_grad_([g], [masks.derive_key(42, step, j)], [masks.keep_threshold(rate)], [1 / (1 - rate)], [0])
+            _assert_same_bits(p.grad, g)
+
+
 # -------------------------------------------------------------- the wrapper
 
 
