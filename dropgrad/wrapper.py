@@ -344,6 +344,13 @@ class DropGrad(torch.optim.Optimizer):
             )
             if left is not None:
                 plan = left
+            if plan and any(e[1].grad is not None and e[1].grad.is_cuda for e in plan):
+                # CUDA gradients: the Triton kernel takes the rest of the plan in one launch, keys derived on the GPU
+                from . import _triton_kernels  # noqa: PLC0415 - imports Triton lazily
+
+                left = _triton_kernels.mask_planned_(plan, prefix, stream, self.rescale, strict=self.impl == "fused")
+                if left is not None:
+                    plan = left
         per_rate: dict[float, tuple[int, float]] = {}  # rate -> (threshold, scale), a few distinct rates
         for index, p, rate in plan:
             g = p.grad
