@@ -115,6 +115,7 @@ def cuda_drop_grad_(grads, keys, thresholds, scales, offsets, strict: bool):
     same bits; ``strict`` makes that an error naming the tensor and the reason.
     """
     n = len(grads)
+    _refuse_graph_capture()
     if not (len(keys) == len(thresholds) == len(scales) == len(offsets) == n):
         raise ValueError(
             f"grads, keys, thresholds, scales and offsets must have equal lengths, got "
@@ -177,6 +178,16 @@ def _eager(fn):
     if wrapped is None:
         wrapped = _disabled[fn] = torch.compiler.disable(fn)
     return wrapped
+
+
+def _refuse_graph_capture() -> None:
+    # A captured launch would replay the same keys (host-side arguments) at every replay:
+    # the same mask every step. Refuse rather than silently repeat masks.
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "DropGrad masks CUDA gradients with keys that change every step; a CUDA graph capture would "
+            "freeze them (the same mask at every replay). Keep optimizer.step() outside the captured region."
+        )
 
 
 def _signed64(v: int) -> int:
@@ -282,6 +293,7 @@ def mask_planned_(plan, prefix: int, stream: int, rescale: bool, strict: bool = 
 
     if not plan:
         return []
+    _refuse_graph_capture()
     indices, params, rates = zip(*plan)
     grads = list(map(_get_grad, params))
     if 0.0 not in rates and _all_servable(grads):  # the common case, checked list-wide in C-level passes

@@ -120,16 +120,18 @@ def apply_masks_(
         offsets = [0] * len(grads)
     if impl not in (None, "reference", "fused"):
         raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
+    if any(g.is_cuda for g in grads):
+        from . import _triton_kernels  # noqa: PLC0415 - imports Triton only when it is used
+
+        _triton_kernels._refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
+        if impl != "reference":
+            grads, keys, thresholds, scales, offsets = _triton_kernels.cuda_drop_grad_(
+                grads, keys, thresholds, scales, offsets, strict=impl == "fused"
+            )
+            if not grads:
+                return None
     if impl == "reference":
         return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
-    if any(g.is_cuda for g in grads):
-        from . import _triton_kernels  # noqa: PLC0415 - imports Triton lazily
-
-        grads, keys, thresholds, scales, offsets = _triton_kernels.cuda_drop_grad_(
-            grads, keys, thresholds, scales, offsets, strict=impl == "fused"
-        )
-        if not grads:
-            return None
     kernels = _fused_kernel()
     if kernels is None:
         if impl == "fused":

@@ -193,6 +193,19 @@ def test_planned_path_derives_the_keys_on_the_gpu():
 
 
 @needs_cuda
+def test_cuda_graph_capture_is_refused(monkeypatch):
+    # a captured launch would replay one step's keys forever: refused with a clear error
+    model = _model("cuda")
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=0)
+    model(torch.randn(4, 32, device="cuda")).sum().backward()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        apply_masks_([torch.zeros(10, device="cuda")], [(1, 2)], [1 << 31], [2.0], [0], impl="reference")
+
+
+@needs_cuda
 def test_plan_steps_reuse_the_device_table_and_never_synchronize():
     tk = _triton_or_skip()
     model = _model("cuda")
