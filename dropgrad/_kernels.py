@@ -9,6 +9,12 @@ directory and loaded through :mod:`ctypes`; ``pip install`` builds nothing.
 * One call masks all tensors of a step: the C side splits the concatenation of
   all tensors into 64K-element chunks over ``torch.get_num_threads()`` OpenMP
   threads, so 161 small tensors cost one parallel region.
+* The Python side per tensor is kept to whole-list passes (``map`` over the
+  list for each check, array conversions), not a Python loop, when every
+  tensor is servable: about 1 us a tensor. :func:`mask_planned_` (what
+  :class:`~dropgrad.DropGrad` calls) also leaves the keys to C, which runs
+  the SplitMix64 chain of :func:`dropgrad.masks.key_from_prefix` from the
+  step's prefix, the tensor index and the stream.
 * A tensor the kernel cannot serve (not a plain contiguous CPU tensor of
   float32/float64/float16/bfloat16, or one that requires grad) goes to the
   reference kernel; so does everything when no compiler works or

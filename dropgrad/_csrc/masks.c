@@ -9,6 +9,9 @@
  * float64) and half/bfloat16 results are rounded as torch's vectorized CPU
  * kernels round them (round to nearest even; NaN kept quiet).
  *
+ * The keys may be given (k0 | k1 << 32) or derived here from the step prefix,
+ * the tensor index and the stream (dropgrad.masks.key_from_prefix).
+ *
  * Built at first use by dropgrad/_kernels.py with `cc -O3 -fopenmp -shared`
  * (OpenMP is optional) and called through ctypes, which releases the GIL.
  * Do not build with -ffast-math: it breaks NaN/subnormal parity with torch.
@@ -31,8 +34,9 @@
 /* Below this many elements in a call, threads cost more than they save. */
 #define DG_MIN_PARALLEL 131072
 
-/* Generic x86-64 has no 32-bit vector multiply; clone the hot loops for AVX2. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* Generic x86-64 has no 32-bit vector multiply; clone the hot loops for AVX2
+ * (-DDG_NO_CLONES builds only the generic code, to test it on an AVX2 machine). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(DG_NO_CLONES)
 #define DG_CLONES __attribute__((target_clones("avx2", "default"), noinline))
 #else
 #define DG_CLONES
@@ -41,7 +45,8 @@
 /* fmix32(fmix32(lo ^ k0) ^ c1) < thr (fmix32: MurmurHash3's finalizer), with the xorshift that ends the inner
  * fmix32 and the one that starts the outer cancelling on the inner value:
  * for 32-bit a, (a ^ a>>16 ^ c1) ^ ((a ^ a>>16 ^ c1) >> 16) = a ^ c1 ^ c1>>16.
- * Callers pass c1x = c1 ^ (c1 >> 16); 4 of 18 vector operations are saved.
+ * Callers pass c1x = c1 ^ (c1 >> 16); 4 of 18 vector operations are saved (and
+ * 3 more in the blocked loops below).
  * keep_rest is the part after the first multiply, h = ((lo ^ k0) ^ (lo ^ k0) >> 16) * 0x85EBCA6B. */
 static inline uint32_t keep_rest(uint32_t h, uint32_t c1x, uint32_t thr) {
     h ^= h >> 13;
