@@ -466,6 +466,32 @@ def test_without_a_compiler_results_are_identical(rebuild, monkeypatch, var, val
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_generic_loops_match_reference(rebuild, monkeypatch):
+    # on x86-64 the hot loops run as an AVX2 clone; -DDG_NO_CLONES builds the generic (SSE2) code
+    # alone, which machines without AVX2 run: it must give the same bits
+    monkeypatch.setenv("CC", os.environ.get("CC", "cc") + " -DDG_NO_CLONES")
+    assert _kernels.available(), _kernels.unavailable_reason()
+    for dtype in FLOATS:
+        grads, keys, offs = [], [], []
+        for off in (0, 33, 65_536 - 40, TWO32 - 70):
+            for n in (1, 33, 200, 70_001):
+                grads.append(_grad(n, dtype, seed=len(grads)))
+                keys.append(masks.derive_key(8, 1, len(keys)))
+                offs.append(off)
+        k = len(grads)
+        ref, fused = _both(grads, keys, [masks.keep_threshold(0.3)] * k, [_scale(0.3)] * k, offs)
+        for a, b in zip(ref, fused):
+            if dtype == torch.float16:  # NaN payloads: see test_parity_sizes_offsets
+                a, b = a.clone(), b.clone()
+                assert torch.equal(a.isnan(), b.isnan())
+                a[a.isnan()] = 0
+                b[b.isnan()] = 0
+            _assert_same_bits(a, b)
+    words = _kernels.derive_key_words(masks.step_prefix(5, 6), [0, 9, -1], 2)
+    assert words == [k0 | (k1 << 32) for k0, k1 in (masks.derive_key(5, 6, i, 2) for i in (0, 9, -1))]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_build_is_cached_and_thread_safe(rebuild, monkeypatch):
     libs = []
     workers = [threading.Thread(target=lambda: libs.append(_kernels._library())) for _ in range(4)]
