@@ -462,6 +462,8 @@ def mask_planned_(plan: Sequence[tuple[int, torch.Tensor, float]], prefix: int, 
             idle_set = set(idle)
             served = [g for j, (g, m) in enumerate(zip(grads, numels)) if m and j not in idle_set]
     else:
+        if not any(map(_get_is_cpu, [g for g in grads if g is not None])):
+            return list(plan)  # nothing on the CPU (a CUDA model): no per-tensor loop here
         pos, ptrs, numels, codes, served = [], [], [], [], []
         for j, (g, thr, scale) in enumerate(zip(grads, thrs, scs)):
             if g is None or (thr >= _TWO32 and scale == 1.0):

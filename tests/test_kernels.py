@@ -631,3 +631,14 @@ def test_hash_bits_are_balanced():
     n = h.numel()
     z = (bits.sum(1) - n / 2) / math.sqrt(n / 4)
     assert z.abs().max().item() < SIGMA, f"bit {int(z.abs().argmax())} is {z.abs().max().item():.1f} sigma off"
+
+
+@needs_fused
+def test_planned_kernel_hands_back_a_plan_with_nothing_on_the_cpu():
+    # gradients on another device (here the meta device; CUDA in practice) come back untouched, as a whole
+    params = [torch.zeros(10, device="meta", requires_grad=True) for _ in range(3)]
+    params[0].grad = torch.empty(10, device="meta")
+    params[2].grad = torch.empty(10, device="meta")
+    plan = [(j, p, 0.5) for j, p in enumerate(params)]
+    assert _kernels.mask_planned_(plan, 0, 0, True) == plan
+    assert _kernels.mask_planned_(plan, 0, 0, True, strict=True) == plan
