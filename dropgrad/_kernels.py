@@ -437,11 +437,17 @@ def mask_planned_(plan: Sequence[tuple[int, torch.Tensor, float]], prefix: int, 
     """Mask the gradients of a :class:`~dropgrad.DropGrad` step plan; return the entries left to the caller.
 
     ``plan`` holds ``(index, parameter, rate)``; the key of an entry is
-    ``key_from_prefix(prefix, index, stream)``, derived in C. Entries whose gradient the kernel cannot serve (None and
-    rate-0 entries aside, which need nothing) come back for the general path;
-    with ``strict`` and any such entry nothing is masked and the whole plan
-    comes back (the general path then raises, before any write, as before).
-    Returns None when the kernel is unavailable.
+    ``key_from_prefix(prefix, index, stream)``, derived in C. Entries whose
+    gradient the kernel cannot serve (None and rate-0 entries aside, which
+    need nothing) come back for the general path; with ``strict`` and any such
+    entry nothing is masked and the whole plan comes back (the general path
+    then raises, before any write, as before). Returns None when the kernel is
+    unavailable.
+
+    Per step this reads every ``p.grad`` again and checks it with whole-list
+    passes, so re-allocated gradients (``zero_grad(set_to_none=True)``), dtype
+    or device changes and added or removed parameters need no invalidation;
+    only the rates' thresholds and factors are cached (keyed by the rates).
     """
     lib = _library()
     if lib is None:

@@ -165,7 +165,7 @@ static inline uint16_t float_to_bf16(float f) {
             for (int64_t b = 0; b < nb; b++, i += DG_BLOCK, x += DG_BLOCK) {                            \
                 const uint32_t s = (x ^ khi) * 0x85EBCA6Bu;                                             \
                 for (size_t pb = 0; pb < DG_BLOCK * sizeof(*g); pb += 64)                               \
-                    DG_PREFETCH((const char *)(g + i) + DG_PREFETCH_AHEAD + pb);                        \
+                    DG_PREFETCH((const void *)((uintptr_t)(g + i) + DG_PREFETCH_AHEAD + pb));           \
                 for (int k = 0; k < DG_BLOCK; k++) STEP(i + k, keep_rest(s + L[k], c1x, thr) ? fk : f0); \
             }                                                                                           \
         }                                                                                               \
