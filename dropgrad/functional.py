@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from . import masks as _masks
 __all__ = ["drop_grad_", "apply_masks_", "check_rate"]
 
 _TWO32 = 1 << 32
+_get_is_cuda = operator.attrgetter("is_cuda")
 #: elements the reference kernel hashes at a time (its temporaries take ~40 bytes an element)
 _REFERENCE_CHUNK = 1 << 20
 
@@ -120,7 +122,7 @@ def apply_masks_(
         offsets = [0] * len(grads)
     if impl not in (None, "reference", "fused"):
         raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
-    if any(g.is_cuda for g in grads):
+    if any(map(_get_is_cuda, grads)):
         from . import _triton_kernels  # noqa: PLC0415 - imports Triton only when it is used
 
         _triton_kernels._refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
