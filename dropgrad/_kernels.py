@@ -234,6 +234,22 @@ def _unsupported(g: torch.Tensor) -> str | None:
     return None
 
 
+def _cpu_code(g: torch.Tensor) -> int | None:
+    """The C loop's dtype code for ``g``, or None if the loop cannot mask it (the checks of :func:`_unsupported`)."""
+    code = _DTYPE_CODES.get(g.dtype)
+    if (
+        code is None
+        or type(g) is not torch.Tensor
+        or not g.is_cpu
+        or g.requires_grad
+        or g.layout is not torch.strided
+        or not g.is_contiguous()
+        or g.is_neg()
+    ):
+        return None
+    return code
+
+
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
     try:
         torch.autograd.graph.increment_version(tensors)
@@ -318,18 +334,8 @@ def _fused_drop_grad(
             numel = g.numel()
             if numel == 0 or (thr >= _TWO32 and scale == 1.0):
                 continue  # the reference leaves these untouched too
-            code = _DTYPE_CODES.get(g.dtype)
-            # the cheap checks first; _unsupported() names the reason only when one fails
-            if (
-                code is None
-                or type(g) is not torch.Tensor
-                or not g.is_cpu
-                or g.requires_grad
-                or g.layout is not torch.strided
-                or not g.is_contiguous()
-                or g.is_neg()
-                or not 0 <= off <= _MAX_OFFSET - numel
-            ):
+            code = _cpu_code(g)  # the cheap checks; _unsupported() names the reason only when one fails
+            if code is None or not 0 <= off <= _MAX_OFFSET - numel:
                 if strict:
                     why = _unsupported(g) or f"with element offset {off} outside [0, 2**63 - numel]"
                     raise RuntimeError(f"impl='fused' cannot mask grads[{j}]: it is {why}")
@@ -477,16 +483,8 @@ def mask_planned_(plan: Sequence[tuple[int, torch.Tensor, float]], prefix: int, 
             numel = g.numel()
             if numel == 0:
                 continue
-            code = _DTYPE_CODES.get(g.dtype)
-            if (
-                code is None
-                or type(g) is not torch.Tensor
-                or not g.is_cpu
-                or g.requires_grad
-                or g.layout is not torch.strided
-                or not g.is_contiguous()
-                or g.is_neg()
-            ):
+            code = _cpu_code(g)
+            if code is None:
                 left.append(plan[j])
                 continue
             pos.append(j)
