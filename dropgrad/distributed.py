@@ -159,18 +159,21 @@ def _agree_seed_if_distributed(optimizer: DropGrad) -> None:
 
 
 # ---------------------------------------------------------------------- shards
+# DTensor's public home since torch 2.5; torch 2.4 has it in torch.distributed._tensor
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
 def _dtensor_types():
     """``(DTensor, Shard, Replicate)`` if the DTensor module is loaded, else None.
 
     Nobody holds a DTensor gradient before importing the module, so an
     unloaded module (the common single-process case) costs nothing here.
     """
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is None:
-        return None
-    from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
-
-    return DTensor, Shard, Replicate
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module.DTensor, module.Shard, module.Replicate
+    return None
 
 
 def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -201,7 +204,10 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
                 f"{grad.placements} ({placement!r} does not map to a contiguous range of the full tensor). "
                 "Redistribute the gradient (e.g. to Shard(0)) before the optimizer step."
             )
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
 
     local = grad._local_tensor
     full_shape = tuple(grad.shape)
