@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from _compat import transformers_skip_reason
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -40,6 +42,8 @@ def test_log_stats_csv_writes_one_row_per_step(tmp_path):
 )
 def test_framework_examples_run(tmp_path, script, args, needs):
     pytest.importorskip(needs)
+    if needs == "transformers" and transformers_skip_reason():
+        pytest.skip(transformers_skip_reason())
     _run([sys.executable, str(EXAMPLES / script), *args], tmp_path)
 
 

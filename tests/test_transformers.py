@@ -13,6 +13,10 @@ import warnings
 import pytest
 import torch
 
+from _compat import transformers_skip_reason  # noqa: E402
+
+if transformers_skip_reason():
+    pytest.skip(transformers_skip_reason(), allow_module_level=True)
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
