@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from . import masks as _masks
-from .functional import _scale_for, _single_tensor_drop_grad_
+from .functional import _eager_only, _scale_for, _single_tensor_drop_grad_
 
 __all__ = ["fused_drop_grad_", "mask_planned_", "available", "unavailable_reason", "keep_bits", "count_kept", "build_info"]
 
@@ -277,21 +277,7 @@ def fused_drop_grad_(
         strict: raise instead of falling back to the reference kernel for a
             tensor (or a machine) the fused kernel cannot serve.
     """
-    # Only a loaded torch._dynamo can be tracing this call; excluding the call from
-    # tracing (a graph break) needs that import, which costs seconds, so do it lazily.
-    if "torch._dynamo" in sys.modules:
-        run = _eager_only if _eager_only is not None else _make_eager_only()
-        return run(grads, keys, thresholds, scales, offsets, strict)
-    return _fused_drop_grad(grads, keys, thresholds, scales, offsets, strict)
-
-
-_eager_only = None
-
-
-def _make_eager_only():
-    global _eager_only
-    _eager_only = torch.compiler.disable(_fused_drop_grad)
-    return _eager_only
+    return _eager_only(_fused_drop_grad)(grads, keys, thresholds, scales, offsets, strict)
 
 
 def _fused_drop_grad(
@@ -372,11 +358,14 @@ _get_is_cpu = operator.attrgetter("is_cpu")
 _get_requires_grad = operator.attrgetter("requires_grad")
 
 
-def _scan(grads: list) -> tuple[list[int], list[int], list[int]] | None:
-    """``(data pointers, numels, dtype codes)`` if the C kernel can serve every tensor of ``grads``, else None.
+def _plain_dense(grads: list, on_device) -> set | None:
+    """The set of dtypes of ``grads`` if a mask kernel can serve every one of them, else None.
 
-    The checks of :func:`_unsupported`, each one C-level pass over the list
-    (``map``), not a Python loop: about 0.6 us a tensor instead of 2.
+    Served: plain (not subclassed), strided, contiguous, not lazily negated
+    tensors of float32/float64/float16/bfloat16 that do not require grad and
+    for which ``on_device(g)`` holds (None: any device). Each check is one
+    C-level pass over the list (``map``), not a Python loop: about 0.6 us a
+    tensor instead of 2. Shared by the C (CPU) and Triton (CUDA) kernels.
     """
     if set(map(type, grads)) != _TENSOR_ONLY:
         return None  # a subclass, a None, or an empty list
@@ -384,11 +373,19 @@ def _scan(grads: list) -> tuple[list[int], list[int], list[int]] | None:
     if (
         not dtypes <= _DTYPE_SET
         or set(map(_get_layout, grads)) != _STRIDED_ONLY  # before is_contiguous, which sparse layouts refuse
-        or not all(map(_get_is_cpu, grads))
+        or (on_device is not None and not all(map(on_device, grads)))
         or any(map(_get_requires_grad, grads))
         or not all(map(_T.is_contiguous, grads))
         or any(map(_T.is_neg, grads))
     ):
+        return None
+    return dtypes
+
+
+def _scan(grads: list) -> tuple[list[int], list[int], list[int]] | None:
+    """``(data pointers, numels, dtype codes)`` if the C kernel can serve every tensor of ``grads``, else None."""
+    dtypes = _plain_dense(grads, _get_is_cpu)
+    if dtypes is None:
         return None
     if len(dtypes) == 1:
         codes = [_DTYPE_CODES[next(iter(dtypes))]] * len(grads)

@@ -9,11 +9,12 @@ two middle xorshifts), the same threshold compare, the factor formed in the
 dtype torch computes in and the result rounded by the hardware conversion that
 torch's own CUDA ``mul_`` uses.
 
-* **One launch per dtype per step.** A small int64 table (per tensor: address,
-  size, key, threshold, scale bits, element offset) goes to the device in one
-  copy; program ``(c, j)`` of a 2-D grid masks chunk ``c`` (``_CHUNK``
-  elements) of tensor ``j`` and exits at once past the tensor's end, so 161
-  tensors cost one launch, not 161, and the host does no per-chunk work.
+* **One launch per dtype per step.** An int64 table (per tensor: address,
+  size, key or index, threshold, factor bits, element offset, first chunk) and
+  a chunk map (program -> tensor) go to the device in one pinned, non-blocking
+  copy; each program masks one ``_CHUNK``-element chunk of one tensor, so 161
+  tensors cost one launch, not 161. On DropGrad's path (:func:`mask_planned_`)
+  the table is cached across steps and the keys are derived on the GPU.
 * **Needs only Triton**, which ships with torch's CUDA wheels on Linux; nothing
   is built by ``pip install``. Triton compiles the kernel at its first call for
   each dtype (about a second, cached on disk by Triton afterwards). Without
@@ -28,11 +29,14 @@ from __future__ import annotations
 import operator
 import os
 import struct
-import sys
 from array import array
 from collections.abc import Sequence
 
 import torch
+
+from ._kernels import _bump_versions, _get_dtype, _plain_dense
+from .functional import _eager_only, _scale_for
+from .masks import keep_threshold
 
 __all__ = ["available", "unavailable_reason", "supported", "triton_drop_grad_", "cuda_drop_grad_", "mask_planned_"]
 
@@ -115,7 +119,6 @@ def cuda_drop_grad_(grads, keys, thresholds, scales, offsets, strict: bool):
     same bits; ``strict`` makes that an error naming the tensor and the reason.
     """
     n = len(grads)
-    _refuse_graph_capture()
     if not (len(keys) == len(thresholds) == len(scales) == len(offsets) == n):
         raise ValueError(
             f"grads, keys, thresholds, scales and offsets must have equal lengths, got "
@@ -123,28 +126,22 @@ def cuda_drop_grad_(grads, keys, thresholds, scales, offsets, strict: bool):
         )
     ok = available()
     served, rest = [], []
-    dtypes = _DTYPES
     for j, g in enumerate(grads):
         if not g.is_cuda:
             rest.append(j)
-        elif (
-            ok and type(g) is torch.Tensor and g.dtype in dtypes and not g.requires_grad
-            and g.is_contiguous() and not g.is_neg() and 0 <= offsets[j] <= _MAX_OFFSET - g.numel()
-            and g.layout is torch.strided
-        ):
+        elif ok and _all_servable([g]) and 0 <= offsets[j] <= _MAX_OFFSET - g.numel():
             served.append(j)
         elif strict:
             why = supported(g, offsets[j]) if ok else f"on device {g.device} and {_reason}"
             raise RuntimeError(f"impl='fused' cannot mask grads[{j}]: it is {why}")
         else:
             rest.append(j)
-    if served:
-        triton_drop_grad_(
-            [grads[j] for j in served], [keys[j] for j in served], [thresholds[j] for j in served],
-            [scales[j] for j in served], [offsets[j] for j in served],
-        )
     if not served:
         return grads, keys, thresholds, scales, offsets
+    triton_drop_grad_(
+        [grads[j] for j in served], [keys[j] for j in served], [thresholds[j] for j in served],
+        [scales[j] for j in served], [offsets[j] for j in served],
+    )
     return ([grads[j] for j in rest], [keys[j] for j in rest], [thresholds[j] for j in rest],
             [scales[j] for j in rest], [offsets[j] for j in rest])
 
@@ -161,23 +158,7 @@ def triton_drop_grad_(
     Every tensor must pass :func:`supported` (the caller routes the others to the
     reference kernel) and tensors must not share memory with each other.
     """
-    _eager(_mask_rows)(grads, keys, thresholds, scales, offsets, None, 0)
-
-
-_disabled: dict = {}
-
-
-def _eager(fn):
-    """``fn``, or under a loaded torch._dynamo ``fn`` excluded from tracing (a graph break, run eagerly).
-
-    torch._dynamo is not imported for this unless it is already loaded (the import costs seconds).
-    """
-    if "torch._dynamo" not in sys.modules:
-        return fn
-    wrapped = _disabled.get(fn)
-    if wrapped is None:
-        wrapped = _disabled[fn] = torch.compiler.disable(fn)
-    return wrapped
+    _eager_only(_mask_rows)(grads, keys, thresholds, scales, offsets)
 
 
 def _refuse_graph_capture() -> None:
@@ -237,11 +218,10 @@ def _groups(grads) -> dict:
     return out
 
 
-def _mask_rows(grads, keys, thresholds, scales, offsets, prefix: int | None, stream: int) -> None:
-    """Mask ``grads`` (non-empty, servable): ``keys`` are key pairs, or with ``prefix`` tensor indices."""
+def _mask_rows(grads, keys, thresholds, scales, offsets) -> None:
+    """Mask ``grads`` (servable tensors) with explicit ``(k0, k1)`` keys: a table built and uploaded per call."""
     if _load() is None:
         raise RuntimeError(f"the Triton mask kernel is unavailable: {_reason}")
-    derive = prefix is not None
     bits_cache: dict[tuple[float, bool], int] = {}
     masked = []
     for (device, dtype), members in _groups(grads).items():
@@ -257,12 +237,11 @@ def _mask_rows(grads, keys, thresholds, scales, offsets, prefix: int | None, str
             bits = bits_cache.get((scale, wide))
             if bits is None:
                 bits = bits_cache[(scale, wide)] = _scale_bits(scale, wide)
-            k0, k1 = (_signed64(key), 0) if derive else key
-            rows.extend((g.data_ptr(), numel, k0, k1, min(max(thr, 0), _TWO32), _signed64(bits), offsets[j], 0))
+            rows.extend((g.data_ptr(), numel, key[0], key[1], min(max(thr, 0), _TWO32), _signed64(bits), offsets[j], 0))
             numels.append(numel)
             masked.append(g)
         if numels:
-            _Launch(dtype, device, rows, numels)(prefix, stream, None)
+            _Launch(dtype, device, rows, numels)(None, 0, None)
     _bump_versions(masked)
 
 
@@ -288,9 +267,6 @@ def mask_planned_(plan, prefix: int, stream: int, rescale: bool, strict: bool = 
     """
     if _load() is None:
         return None
-    from .functional import _scale_for  # noqa: PLC0415 - functional imports this module lazily
-    from .masks import keep_threshold  # noqa: PLC0415
-
     if not plan:
         return []
     _refuse_graph_capture()
@@ -327,33 +303,18 @@ def mask_planned_(plan, prefix: int, stream: int, rescale: bool, strict: bool = 
         rate = rates[0]
         thr, scale = keep_threshold(rate), _scale_for(rate, rescale)
         per_dtype = {False: (thr, _scale_bits(scale, False)), True: (thr, _scale_bits(scale, True))}
-    run = _eager(_run_launches)
-    run(launches, prefix, stream, per_dtype)
+    _eager_only(_run_launches)(launches, prefix, stream, per_dtype)
     _bump_versions(grads)
     return left
 
 
 _get_grad = operator.attrgetter("grad")
-_get_dtype = operator.attrgetter("dtype")
-_get_layout = operator.attrgetter("layout")
-_get_requires_grad = operator.attrgetter("requires_grad")
 _get_is_cuda = operator.attrgetter("is_cuda")
-_TENSOR_ONLY = {torch.Tensor}
-_STRIDED_ONLY = {torch.strided}
-_DTYPE_SET = set(_DTYPES)
 
 
 def _all_servable(grads: list) -> bool:
     """Whether the kernel can mask every tensor of ``grads`` (Nones and subclasses fail), list-wide."""
-    return (
-        set(map(type, grads)) == _TENSOR_ONLY
-        and (_INTERPRET or all(map(_get_is_cuda, grads)))
-        and set(map(_get_dtype, grads)) <= _DTYPE_SET
-        and set(map(_get_layout, grads)) == _STRIDED_ONLY  # before is_contiguous, which sparse layouts refuse
-        and not any(map(_get_requires_grad, grads))
-        and all(map(torch.Tensor.is_contiguous, grads))
-        and not any(map(torch.Tensor.is_neg, grads))
-    )
+    return _plain_dense(grads, None if _INTERPRET else _get_is_cuda) is not None
 
 
 def _run_launches(launches, prefix, stream, per_dtype) -> None:
@@ -362,9 +323,6 @@ def _run_launches(launches, prefix, stream, per_dtype) -> None:
 
 
 def _build_plan(grads, indices, rates, numels, rescale, uniform) -> list[_Launch]:
-    from .functional import _scale_for  # noqa: PLC0415
-    from .masks import keep_threshold  # noqa: PLC0415
-
     launches = []
     for (device, dtype), members in _groups(grads).items():
         wide = dtype == torch.float64
@@ -383,14 +341,3 @@ def _build_plan(grads, indices, rates, numels, rescale, uniform) -> list[_Launch
             launches.append(_Launch(dtype, device, rows, sizes))
     return launches
 
-
-
-def _bump_versions(tensors: list[torch.Tensor]) -> None:
-    # as g.mul_ would: autograd then sees the in-place change
-    if not tensors:
-        return
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except (TypeError, RuntimeError):
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -87,6 +88,23 @@ def _single_tensor_drop_grad_(
             part = flat[start : start + _REFERENCE_CHUNK]
             keep = _masks.keep_mask(part.numel(), key, thr, off + start, g.device)
             part.mul_(keep.to(dtype) * scale)
+
+
+_disabled: dict = {}
+
+
+def _eager_only(fn):
+    """``fn``, or, once torch._dynamo is loaded, ``fn`` excluded from tracing (a graph break; it runs eagerly).
+
+    Only a loaded torch._dynamo can be tracing a call, and importing it costs
+    seconds, so it is never imported for this.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    wrapped = _disabled.get(fn)
+    if wrapped is None:
+        wrapped = _disabled[fn] = torch.compiler.disable(fn)
+    return wrapped
 
 
 def _fused_kernel():

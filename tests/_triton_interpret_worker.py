@@ -83,10 +83,14 @@ def main() -> None:
         thr, sc, offs = [masks.keep_threshold(0.3)] * n, [1 / 0.7] * n, [0] * n
         ref = [g.clone() for g in grads]
         _single_tensor_drop_grad_(ref, [masks.key_from_prefix(prefix, i, stream) for i in indices], thr, sc, offs)
-        fast = [g.clone() for g in grads]
-        tk._mask_rows(fast, indices, thr, sc, offs, prefix, stream)
-        for j, (a, b) in enumerate(zip(ref, fast)):
-            same(a, b, f"derived keys prefix={prefix} stream={stream} index={indices[j]}")
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        left = tk.mask_planned_([(i, p, 0.3) for i, p in zip(indices, params)], prefix, stream, True)
+        if left != []:
+            sys.exit(f"MISMATCH derived keys: plan path left {left}")
+        for j, (a, p) in enumerate(zip(ref, params)):
+            same(a, p.grad, f"derived keys prefix={prefix} stream={stream} index={indices[j]}")
         count += n
     # the DropGrad plan path: device tables cached across steps, per-step values as arguments
     params = [torch.nn.Parameter(torch.zeros(n, dtype=d)) for n, d in
