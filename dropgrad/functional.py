@@ -1,175 +1,178 @@
-"""Functional core of DropGrad: mask gradients in place, no optimizer needed.
+"""Functional core of DropGrad: mask gradients in place, no optimizer needed; the one kernel dispatcher.
 
 The mask of a gradient ``g`` with drop rate ``p`` is ``m ~ Bernoulli(1 - p)``
-per element, and the result is ``g * m / (1 - p)`` (or ``g * m`` without
-rescaling), so ``E[result] = g``. At ``p = 1`` every element is dropped and
-no division happens. The multiplication keeps IEEE semantics: a NaN or
-infinite element stays non-finite whether it is dropped or kept, so masking
-never hides a diverging run.
+per element, and the result is ``g * m * s`` with ``s = 2**32 / threshold``
+(``1/(1-p)`` up to the threshold's rounding, so ``E[result] = g`` exactly), or
+``g * m`` without rescaling. At ``p = 1`` every element is dropped and no
+division happens. The multiplication keeps IEEE semantics: a NaN or infinite
+element stays non-finite whether it is dropped or kept, so masking never hides
+a diverging run.
 
 Masks come from the counter-based generator of :mod:`dropgrad.masks`, so they
 are a pure function of ``(seed, step, tensor index, element index)``.
 
-Kernels follow torch.optim's layout: :func:`_single_tensor_drop_grad_` is the
-readable reference, a fused kernel (when available) must match it bit for bit,
-and :func:`apply_masks_` dispatches between them.
+:func:`apply_masks_` is the only dispatcher. Like torch.optim's choice between
+its single-tensor, foreach and fused paths, it decides once per call, by
+device and servability (:func:`dropgrad.kernels.common.servable`), which
+kernel masks which tensors: the C kernel for plain contiguous CPU tensors
+(once it is built), the Triton kernel for CUDA ones, the reference kernel for
+everything else. Every kernel gives the same bits.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
-import sys
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import masks as _masks
+from . import masks
+from .kernels import cpu, cuda, reference
+from .kernels.common import MAX_OFFSET, TWO32, eager_only, is_idle, servable, unservable_reason
+from .rates import check_rate
 
-__all__ = ["drop_grad_", "apply_masks_", "check_rate"]
+__all__ = ["drop_grad_", "apply_masks_", "check_rate", "IMPLS"]
 
-_TWO32 = 1 << 32
 _get_is_cuda = operator.attrgetter("is_cuda")
-#: elements the reference kernel hashes at a time (its temporaries take ~40 bytes an element)
-_REFERENCE_CHUNK = 1 << 20
+#: the values ``impl=`` accepts: the fastest kernel available, the reference only, or a fast kernel only
+IMPLS = (None, "reference", "fused")
 
 
-def check_rate(value: object, name: str = "drop_rate") -> float:
-    """Validate a drop rate (a real number in ``[0, 1]``) and return it as a float.
-
-    Raises:
-        TypeError: ``value`` is not a real number (bools are refused too).
-        ValueError: ``value`` is NaN or outside ``[0, 1]``.
-    """
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return value
+def check_impl(impl: object, name: str = "impl") -> str | None:
+    """Validate a kernel choice (one of :data:`IMPLS`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name} must be None, 'reference' or 'fused', got {impl!r}")
+    return impl  # type: ignore[return-value]
 
 
-def _factor_dtype(grad: torch.Tensor) -> torch.dtype:
-    # the dtype torch itself computes `grad * python_scalar` in (its "opmath" type)
-    if grad.dtype in (torch.float64, torch.complex128):
-        return torch.float64
-    return torch.float32
+def _check_lists(grads, indices, thresholds, scales, offsets) -> None:
+    n = len(grads)
+    if not (len(indices) == len(thresholds) == len(scales) == len(offsets) == n):
+        raise ValueError(
+            "grads, indices, thresholds, scales and offsets must have equal lengths, got "
+            f"{n}, {len(indices)}, {len(thresholds)}, {len(scales)}, {len(offsets)}"
+        )
+    if n and (min(thresholds) < 0 or max(thresholds) > TWO32):
+        bad = next(t for t in thresholds if not 0 <= t <= TWO32)
+        raise ValueError(f"thresholds must be in [0, 2**32], got {bad!r}")
+    if n and (min(offsets) < 0 or max(offsets) > MAX_OFFSET):
+        bad = next(o for o in offsets if not 0 <= o <= MAX_OFFSET)
+        raise ValueError(f"offsets must be in [0, 2**63 - 1], got {bad!r}")
 
 
-def _single_tensor_drop_grad_(
-    grads: Sequence[torch.Tensor],
-    keys: Sequence[tuple[int, int]],
-    thresholds: Sequence[int],
-    scales: Sequence[float],
-    offsets: Sequence[int],
-) -> None:
-    """Reference kernel: one tensor at a time, in plain eager torch.
-
-    Each ``grads[j]`` is a dense tensor of any layout, of a floating or complex
-    dtype; element ``i`` (row-major logical order) is kept iff
-    ``hash32(keys[j], offsets[j] + i) < thresholds[j]``, and then multiplied by
-    ``scales[j]``; dropped elements are multiplied by zero.
-    """
-    for g, key, thr, scale, off in zip(grads, keys, thresholds, scales, offsets):
-        n = g.numel()
-        if n == 0 or (thr >= _TWO32 and scale == 1.0):
-            continue
-        dtype = _factor_dtype(g)
-        if not g.is_contiguous() or n <= _REFERENCE_CHUNK:
-            keep = _masks.keep_mask(n, key, thr, off, g.device)
-            g.mul_((keep.to(dtype) * scale).view(g.shape))
-            continue
-        # elementwise, so chunks give the same bits; the int64 temporaries stay bounded
-        flat = g.view(-1)
-        for start in range(0, n, _REFERENCE_CHUNK):
-            part = flat[start : start + _REFERENCE_CHUNK]
-            keep = _masks.keep_mask(part.numel(), key, thr, off + start, g.device)
-            part.mul_(keep.to(dtype) * scale)
+def _active(grads, indices, thresholds, scales, offsets):
+    """The entries the contract does not leave untouched (all of them in the common case, without a loop)."""
+    numels = list(map(torch.Tensor.numel, grads))
+    if 0 not in numels and (max(thresholds) < TWO32 or 1.0 not in scales):
+        return grads, indices, thresholds, scales, offsets, numels
+    keep = [j for j, (m, t, s) in enumerate(zip(numels, thresholds, scales)) if not is_idle(m, t, s)]
+    pick = lambda xs: [xs[j] for j in keep]  # noqa: E731
+    return pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets), pick(numels)
 
 
-_disabled: dict = {}
-
-
-def _eager_only(fn):
-    """``fn``, or, once torch._dynamo is loaded, ``fn`` excluded from tracing (a graph break; it runs eagerly).
-
-    Only a loaded torch._dynamo can be tracing a call, and importing it costs
-    seconds, so it is never imported for this.
-    """
-    if "torch._dynamo" not in sys.modules:
-        return fn
-    wrapped = _disabled.get(fn)
-    if wrapped is None:
-        wrapped = _disabled[fn] = torch.compiler.disable(fn)
-    return wrapped
-
-
-def _fused_kernel():
-    """The fast kernel module if it can serve, else None (import is lazy and cached)."""
-    try:
-        from . import _kernels  # noqa: PLC0415 - optional fast path
-    except ImportError:
-        return None
-    return _kernels
+def _refuse_shared_memory(grads: list[torch.Tensor]) -> None:
+    ptrs = list(map(torch.Tensor.data_ptr, grads))
+    if len(set(ptrs)) != len(ptrs):
+        first: dict[int, int] = {}
+        for j, ptr in enumerate(ptrs):
+            if ptr in first:
+                raise ValueError(
+                    f"grads[{first[ptr]}] and grads[{j}] are the same memory (a tensor listed twice?); "
+                    "each tensor can be masked once per call"
+                )
+            first[ptr] = j
 
 
 def apply_masks_(
     grads: Sequence[torch.Tensor],
-    keys: Sequence[tuple[int, int]],
+    indices: Sequence[int],
     thresholds: Sequence[int],
     scales: Sequence[float],
     offsets: Sequence[int] | None = None,
+    *,
+    prefix: int,
+    stream: int = masks.MASKS_STREAM,
     impl: str | None = None,
 ) -> None:
-    """Mask dense tensors in place, choosing the kernel.
+    """Mask dense tensors in place, choosing the kernel once for the whole call.
+
+    Element ``i`` (row-major) of ``grads[j]`` is kept iff
+    ``hash32(key_from_prefix(prefix, indices[j], stream), offsets[j] + i) < thresholds[j]``
+    and then multiplied by ``scales[j]``; dropped elements are multiplied by zero.
 
     Args:
-        grads: dense tensors to mask (sparse gradients: pass ``g._values()``).
-        keys: one :func:`dropgrad.masks.derive_key` result per tensor.
-        thresholds: one :func:`dropgrad.masks.keep_threshold` per tensor.
-        scales: the survivors' factor per tensor (``1/(1-p)``, or 1, or 0 at ``p=1``).
+        grads: dense tensors to mask (sparse gradients: pass ``g._values()``); no
+            two may share memory.
+        indices: the tensor index each key is derived from (a parameter's position).
+        thresholds: one :func:`dropgrad.masks.keep_threshold` per tensor, in ``[0, 2**32]``.
+        scales: the survivors' factor per tensor (:func:`dropgrad.masks.survivor_scale`).
         offsets: element offset of each tensor inside the full tensor it is a shard of.
-        impl: ``None`` (fastest available), ``"reference"`` or ``"fused"`` (the fused
-            kernel of each tensor's device: C on CPU, Triton on CUDA; an error for a
-            tensor it cannot serve). All give the same bits.
+        prefix: :func:`dropgrad.masks.step_prefix` of the seed and step.
+        stream: separates independent draws of the same counters.
+        impl: ``None`` (the fastest kernel ready now), ``"reference"`` or ``"fused"``
+            (the fast kernel of each tensor's device: C on CPU, waiting for its
+            build, Triton on CUDA; an error naming a tensor it cannot serve).
+            All give the same bits.
     """
+    return eager_only(_dispatch)(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
+
+
+def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl) -> None:
+    check_impl(impl)
+    grads = list(grads)
     if offsets is None:
         offsets = [0] * len(grads)
-    if impl not in (None, "reference", "fused"):
-        raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
-    if any(map(_get_is_cuda, grads)):
-        from . import _triton_kernels  # noqa: PLC0415 - imports Triton only when it is used
-
-        _triton_kernels._refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
-        if impl != "reference":
-            grads, keys, thresholds, scales, offsets = _triton_kernels.cuda_drop_grad_(
-                grads, keys, thresholds, scales, offsets, strict=impl == "fused"
-            )
-            if not grads:
-                return None
+    _check_lists(grads, indices, thresholds, scales, offsets)
+    if not grads:
+        return
+    grads, indices, thresholds, scales, offsets, numels = _active(grads, indices, thresholds, scales, offsets)
+    if not grads:
+        return
+    _refuse_shared_memory(grads)
+    on_cuda = any(map(_get_is_cuda, grads))
+    if on_cuda:
+        cuda.refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
+    args = (prefix, stream)
     if impl == "reference":
-        return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
-    kernels = _fused_kernel()
-    if kernels is None:
-        if impl == "fused":
-            raise RuntimeError("impl='fused' was requested but dropgrad's fused kernel is unavailable")
-        return _single_tensor_drop_grad_(grads, keys, thresholds, scales, offsets)
-    return kernels.fused_drop_grad_(grads, keys, thresholds, scales, offsets, strict=impl == "fused")
+        reference.mask_(grads, indices, thresholds, scales, offsets, *args)
+        return
+    if not on_cuda and max(offsets) <= MAX_OFFSET - max(numels) and servable(grads, "cpu"):
+        # the common case: every tensor a plain CPU tensor, one C call
+        if cpu.ready() or (impl == "fused" and _fused_cpu_or_raise()):
+            cpu.mask_(grads, indices, thresholds, scales, offsets, *args)
+        else:
+            reference.mask_(grads, indices, thresholds, scales, offsets, *args)
+        return
+    groups: dict[str, list[int]] = {"cpu": [], "cuda": [], "reference": []}
+    cpu_ok = cpu.ready() or (impl == "fused" and any(g.device.type == "cpu" for g in grads) and _fused_cpu_or_raise())
+    cuda_ok = on_cuda and cuda.available()
+    for j, g in enumerate(grads):
+        kind = g.device.type
+        fits = offsets[j] <= MAX_OFFSET - numels[j]
+        if kind == "cpu" and cpu_ok and fits and unservable_reason(g, "cpu") is None:
+            groups["cpu"].append(j)
+        elif kind == "cuda" and cuda_ok and fits and unservable_reason(g, "cuda") is None:
+            groups["cuda"].append(j)
+        elif impl == "fused":
+            why = unservable_reason(g, kind) if fits else f"at element offset {offsets[j]} past 2**63"
+            if why is None and kind == "cuda":
+                why = f"on {g.device}, and {cuda.unavailable_reason()}"
+            raise RuntimeError(f"impl='fused' cannot mask grads[{j}]: it is {why or f'on device {g.device}'}")
+        else:
+            groups["reference"].append(j)
+    for name, members in groups.items():
+        if members:
+            kernel = {"cpu": cpu.mask_, "cuda": cuda.mask_, "reference": reference.mask_}[name]
+            kernel(*([xs[j] for j in members] for xs in (grads, indices, thresholds, scales, offsets)), *args)
 
 
-def _scale_for(drop_rate: float, rescale: bool) -> float:
-    if not rescale:
-        return 1.0
-    if drop_rate >= 1.0:
-        return 0.0
-    return 1.0 / (1.0 - drop_rate)
+def _fused_cpu_or_raise() -> bool:
+    if not cpu.available():  # waits for the build
+        raise RuntimeError(f"impl='fused' was requested but the C mask kernel is unavailable: {cpu.unavailable_reason()}")
+    return True
 
 
-def _seed_from_generator(generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64).item())
+
 
 
 def drop_grad_(
@@ -189,15 +192,17 @@ def drop_grad_(
     dtypes are supported; a sparse tensor's stored values are masked.
 
     Args:
-        tensors: a tensor or an iterable of tensors (the gradients themselves).
+        tensors: a tensor or an iterable of tensors (the gradients themselves); no
+            tensor may appear twice.
         drop_rate: probability ``p`` in ``[0, 1]`` of zeroing an element.
         generator: torch generator to draw the mask seed from (one draw per call);
             defaults to torch's global generator. Ignored when ``seed`` is given.
         seed: draw the masks for these counters directly instead: with ``seed`` and
             ``step`` fixed, the masks are fixed (tensor ``j`` of the list uses index ``j``).
+            Any integer (numpy integers too).
         step: the step counter that goes with ``seed``.
-        rescale: multiply survivors by ``1 / (1 - p)`` (default) to keep the
-            gradient unbiased.
+        rescale: multiply survivors by the inverse keep probability (default) to
+            keep the gradient unbiased.
         impl: kernel choice, see :func:`apply_masks_`.
 
     Returns:
@@ -220,15 +225,16 @@ def drop_grad_(
     p = check_rate(drop_rate)
     if not isinstance(rescale, bool):
         raise TypeError(f"rescale must be a bool, got {rescale!r}")
-    if seed is None:
-        seed = _seed_from_generator(generator)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_impl(impl)
+    seed = masks.draw_seed(generator) if seed is None else masks.check_seed(seed)
+    step = masks.check_seed(step, "step")
     if p == 0.0:
         return tensors
-    thr = _masks.keep_threshold(p)
-    scale = _scale_for(p, rescale)
+    thr = masks.keep_threshold(p)
+    scale = masks.survivor_scale(thr, rescale)
     dense = [t._values() if t.is_sparse else t for t in tensors]
-    keys = [_masks.derive_key(seed, step, j) for j in range(len(dense))]
-    apply_masks_(dense, keys, [thr] * len(dense), [scale] * len(dense), impl=impl)
+    n = len(dense)
+    apply_masks_(dense, range(n), [thr] * n, [scale] * n, [0] * n, prefix=masks.step_prefix(seed, step), impl=impl)
     return tensors
+
+

@@ -7,14 +7,15 @@ with an integer threshold::
     key        = derive_key(seed, step, index, stream)      # host side, Python ints
     h(i)       = fmix32(fmix32(lo32(i) ^ k0) ^ ((hi32(i) + k1) mod 2^32))
     keep(i)    = h(i) < threshold,   threshold = round((1 - p) * 2^32)
-    g[i]      <- g[i] * (keep(i) ? scale : 0),   scale = 1 / (1 - p)  (or 1)
+    g[i]      <- g[i] * (keep(i) ? scale : 0),   scale = 2**32 / threshold  (or 1)
 
 ``fmix32`` is MurmurHash3's 32-bit finalizer and the key derivation chains
 SplitMix64. Because nothing is sequential, the same counters give the same
 mask on any device, in any chunking, on any number of threads, and on every
 rank of a distributed job; a shard of a parameter computes exactly its part of
 the full mask from its element offset. The keep probability is exact to
-``2**-32`` (the threshold's resolution).
+``2**-32`` (the threshold's resolution), and the survivors' factor is the inverse
+of the realised keep probability, so the masked gradient is exactly unbiased.
 
 A note on strength: the xorshift that ends the inner ``fmix32`` and the one that
 starts the outer one cancel (``x ^ x>>16`` is an involution), so the mixer is in
@@ -25,21 +26,28 @@ balance, independence across steps, tensors and seeds) check, and it passes
 them at 6 sigma; it is not a cryptographic generator. The fused kernel uses the
 cancellation to skip four operations.
 
-This module holds the definitions and the plain, readable reference kernel
-(eager torch on int64 tensors). Faster kernels live in
-:mod:`dropgrad._kernels` and must agree with :func:`keep_mask` bit for bit.
+This module holds the definitions (counters, keys, thresholds, the survivors'
+factor and :func:`keep_mask` in eager torch on int64 tensors). The kernels that
+apply masks to gradients live in :mod:`dropgrad.kernels`; every one of them
+agrees with :func:`keep_mask` bit for bit.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 __all__ = [
     "MASK_RESOLUTION_BITS",
+    "TWO32",
+    "check_seed",
+    "draw_seed",
     "derive_key",
     "step_prefix",
     "key_from_prefix",
     "keep_threshold",
+    "survivor_scale",
     "keep_mask",
     "hash32",
     "fmix32",
@@ -49,9 +57,11 @@ __all__ = [
 ]
 
 MASK_RESOLUTION_BITS = 32
+#: ``2**32``: the threshold that keeps every element (thresholds live in ``[0, TWO32]``)
+TWO32 = 1 << MASK_RESOLUTION_BITS
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
-_TWO32 = 1 << 32
+_TWO32 = TWO32
 
 #: stream id of gradient masks (the closure evaluation number is added to it)
 MASKS_STREAM = 0
@@ -95,9 +105,42 @@ def key_from_prefix(prefix: int, index: int, stream: int = MASKS_STREAM) -> tupl
     return z & _M32, z >> 32
 
 
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Validate a mask seed (any integer, numpy integers included; not a bool) and return it as an int.
+
+    Raises:
+        TypeError: ``seed`` is not an integer.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {seed!r} of type {type(seed).__name__}")
+    return int(seed)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed in ``[0, 2**62)`` drawn from ``generator`` (default: torch's global generator)."""
+    return int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64).item())
+
+
 def keep_threshold(drop_rate: float) -> int:
-    """Integer threshold in ``[0, 2**32]``: an element is kept when its hash is below it."""
+    """Integer threshold in ``[0, 2**32]``: an element is kept when its hash is below it.
+
+    The keep probability is exactly ``threshold / 2**32``.
+    """
     return int(round((1.0 - float(drop_rate)) * _TWO32))
+
+
+def survivor_scale(threshold: int, rescale: bool = True) -> float:
+    """The survivors' factor for a keep threshold: the inverse of the realised keep probability.
+
+    ``2**32 / threshold`` (``1/(1-p)`` up to the threshold's rounding), so that
+    ``E[g * keep * scale] = g`` exactly for every threshold; 0.0 when nothing is
+    kept (no division by zero); 1.0 without rescaling.
+    """
+    if not rescale:
+        return 1.0
+    if threshold <= 0:
+        return 0.0
+    return _TWO32 / threshold
 
 
 def fmix32(h: int) -> int:

@@ -13,14 +13,50 @@ A *rate* is anything DropGrad accepts where a drop rate goes:
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import torch
 
-from .functional import check_rate
+from .masks import keep_threshold
 
-__all__ = ["Rate", "is_schedule", "validate_rate", "evaluate_rate", "encode_rate", "resolve_param_rates"]
+__all__ = [
+    "Rate", "check_rate", "is_schedule", "validate_rate", "evaluate_rate", "encode_rate", "is_live_marker",
+    "collect_param_names", "resolve_param_rates",
+]
+
+#: a rate below 1 whose keep threshold is 1 (rates up to about it keep some elements; see check_rate)
+MAX_RATE_BELOW_ONE = 1.0 - 2.0**-32
+
+
+def check_rate(value: object, name: str = "drop_rate") -> float:
+    """Validate a drop rate (a real number in ``[0, 1]``) and return it as a float.
+
+    ``name`` says where the value came from (an argument, a param group key, a
+    schedule at a step, a checkpoint field); every message names it, the value
+    and what is allowed. A rate so close to 1 that its keep threshold rounds to
+    zero (p below 1 but within about 2**-33 of it) is refused: no element would be kept, yet the
+    survivors' factor could not be ``1/(1-p)``; use 1.0 to drop everything.
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are refused too).
+        ValueError: ``value`` is NaN, outside ``[0, 1]``, or below 1 with a keep threshold of 0.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    if value < 1.0 and keep_threshold(value) == 0:
+        raise ValueError(
+            f"{name}={value!r} is so close to 1 that no element would be kept (its keep threshold rounds to 0); "
+            f"use a rate of at most {MAX_RATE_BELOW_ONE!r}, or 1.0 to drop every element"
+        )
+    return value
 
 Rate = Union[float, Callable[[int], float], Any]
 
@@ -43,27 +79,27 @@ def validate_rate(value: object, name: str, allow_none: bool = False) -> Rate | 
     return check_rate(value, name)
 
 
-def evaluate_rate(value: Rate | None, step: int, cache: dict[int, float]) -> float:
-    """The rate in force at ``step`` (0.0 for None); each schedule is read once per step via ``cache``."""
+def evaluate_rate(value: Rate | None, step: int, cache: dict[int, float], source: str = "drop rate") -> float:
+    """The rate in force at ``step`` (0.0 for None), validated now; each schedule is read once per step.
+
+    ``source`` names where the rate comes from (``"param_groups[0]['drop_rate']"``)
+    for the error of an invalid value: a number put into a param group after
+    construction, or a schedule's value at this step, is checked at the moment
+    it is used, so nothing has changed when it raises.
+    """
     if value is None:
         return 0.0
-    if isinstance(value, float):
-        return value
+    if type(value) is float and 0.0 <= value <= 1.0 and (value == 0.0 or value == 1.0 or value <= MAX_RATE_BELOW_ONE):
+        return value  # the common case (NaN fails the comparisons)
     key = id(value)
     if key in cache:
         return cache[key]
     if is_schedule(value):
-        raw = value.get_drop_rate()
+        rate = check_rate(value.get_drop_rate(), f"{source} (schedule {value!r} at step {step})")
     elif callable(value) and not isinstance(value, torch.Tensor):
-        raw = value(step)
-    else:  # a number put into a param group after construction
-        rate = check_rate(value, f"drop rate {value!r}")
-        cache[key] = rate
-        return rate
-    try:
-        rate = check_rate(raw, f"drop rate from {value!r} at step {step}")
-    except TypeError as exc:
-        raise TypeError(str(exc)) from None
+        rate = check_rate(value(step), f"{source} (callable {value!r} at step {step})")
+    else:  # a number (or anything else) put into a param group after construction
+        rate = check_rate(value, source)
     cache[key] = rate
     return rate
 
@@ -75,8 +111,12 @@ def encode_rate(value: Rate | None) -> float | str | None:
     return f"<live {type(value).__name__}>"
 
 
-def _is_live_marker(value: object) -> bool:
+def is_live_marker(value: object) -> bool:
+    """Whether ``value`` is :func:`encode_rate`'s stand-in for a schedule or callable."""
     return isinstance(value, str) and value.startswith("<live ")
+
+
+_is_live_marker = is_live_marker
 
 
 def _match_specificity(key: str, name: str) -> tuple[int, int] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import operator
 import warnings
 from collections import OrderedDict
@@ -12,26 +11,44 @@ from typing import Any
 
 import torch
 
-from . import distributed as _distributed
+from . import compiled
 from . import masks as _masks
-from .functional import _fused_kernel, _scale_for, _seed_from_generator, apply_masks_
+from .functional import apply_masks_, check_impl
+from .kernels import cpu as _cpu_kernel
 from .rates import (
     Rate,
-    _is_live_marker,
     collect_param_names,
     encode_rate,
     evaluate_rate,
+    is_live_marker,
     is_schedule,
     resolve_param_rates,
     validate_rate,
 )
+from .agreement import agree_seed_if_distributed
+from .sharding import local_shards, zero_owned_param_ids
 
 __all__ = ["DropGrad"]
 
 _STATE_KEY = "dropgrad"
 _STATE_FORMAT = 1
-_TWO32 = 1 << 32
+_TWO32 = _masks.TWO32
 _is_sparse = operator.attrgetter("is_sparse")
+_get_grad = operator.attrgetter("grad")
+_PLAIN = {torch.Tensor}
+
+
+def _refuse_duplicates(params: list[torch.Tensor], where: str) -> None:
+    """A parameter listed twice would be masked twice (and raced on by the C kernel's threads): refuse it."""
+    if len(set(map(id, params))) != len(params):
+        seen: dict[int, int] = {}
+        for j, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where}: parameter {j} (shape {tuple(p.shape)}) is the same tensor as parameter {seen[id(p)]}; "
+                    "list each parameter once (DropGrad would mask its gradient twice)"
+                )
+            seen[id(p)] = j
 
 
 class DropGrad(torch.optim.Optimizer):
@@ -135,9 +152,7 @@ class DropGrad(torch.optim.Optimizer):
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {rescale!r}")
         self.rescale = rescale
-        if impl not in (None, "reference", "fused"):
-            raise ValueError(f"impl must be None, 'reference' or 'fused', got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl(impl)
 
         # an explicit seed is the same on every rank on the user's word; a drawn one
         # is agreed across the process group at the first step (dropgrad.distributed)
@@ -145,11 +160,7 @@ class DropGrad(torch.optim.Optimizer):
         # id(param) -> step count for gradients a DDP comm hook already masked (without
         # the 1/(1-p) factor) for that step: dropgrad.distributed.masked_allreduce_hook
         self._premasked: dict[int, int] = {}
-        if seed is None:
-            seed = _seed_from_generator(None)
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = _masks.draw_seed() if seed is None else _masks.check_seed(seed, "seed")
         self._step_count = 0
         self.last_step_skipped = False
         # (step, skipped, default rate, [(param index, masked numel, rate)]) of the last step, for stats()
@@ -159,9 +170,14 @@ class DropGrad(torch.optim.Optimizer):
             if "drop_rate" in group:
                 group["drop_rate"] = validate_rate(group["drop_rate"], f"param_groups[{i}]['drop_rate']", allow_none=True)
         self._param_rates: dict[int, Rate] = {}
+        flat = self._flat_params()
+        _refuse_duplicates(flat, "optimizer")
         if params is not None:
             names = collect_param_names(self.param_groups, model, named_parameters)
-            self._param_rates = resolve_param_rates(params, self._flat_params(), names)
+            self._param_rates = resolve_param_rates(params, flat, names)
+        self._handle = compiled.register(self._mask_compiled_step)
+        if any(p.device.type == "cpu" for p in flat):
+            _cpu_kernel.start_build()  # off the first step's critical path; a CUDA-only model never builds it
 
     # ------------------------------------------------------------------ plumbing
     def _init_hook_dicts(self) -> None:
@@ -201,6 +217,7 @@ class DropGrad(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         skip = {name for name in self.__dict__ if name.startswith("_optimizer_") and name.endswith("_hooks")}
+        skip.add("_handle")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -209,6 +226,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
+        self._handle = compiled.register(self._mask_compiled_step)
         self._init_hook_dicts()
         self._patch_step_function()
 
@@ -309,13 +327,16 @@ class DropGrad(torch.optim.Optimizer):
 
     def _plan(self, cache: dict[int, float]) -> list[tuple[int, torch.Tensor, float]]:
         step = self._step_count
-        default = evaluate_rate(self._drop_rate, step, cache)
+        default = evaluate_rate(self._drop_rate, step, cache, "drop_rate")
         plan: list[tuple[int, torch.Tensor, float]] = []
         index = 0
         overrides = sorted(self._param_rates) if self._param_rates else ()
         k = 0  # next entry of overrides
-        for group in self.param_groups:
-            group_rate = evaluate_rate(group["drop_rate"], step, cache) if "drop_rate" in group else default
+        for i, group in enumerate(self.param_groups):
+            if "drop_rate" in group:
+                group_rate = evaluate_rate(group["drop_rate"], step, cache, f"param_groups[{i}]['drop_rate']")
+            else:
+                group_rate = default
             params = group["params"]
             stop = index + len(params)
             # whole-group construction (C-level zip); per-parameter rates patched in afterwards, in order
@@ -323,47 +344,63 @@ class DropGrad(torch.optim.Optimizer):
             while k < len(overrides) and overrides[k] < stop:
                 j = overrides[k]
                 if j >= index:
-                    plan[j] = (j, plan[j][1], evaluate_rate(self._param_rates[j], step, cache))
+                    rate = evaluate_rate(self._param_rates[j], step, cache, f"params rate of parameter {j}")
+                    plan[j] = (j, plan[j][1], rate)
                 k += 1
             index = stop
         return plan
 
+    def drop_plan(self) -> list[tuple[int, torch.Tensor, float]]:
+        """``(index, parameter, rate)`` for every parameter at the coming step, in optimizer order.
+
+        ``index`` is the parameter's position in the optimizer (the counter its
+        mask key is derived from). Rates are validated here, so an invalid rate
+        (a param group's ``drop_rate`` set to -0.5, a schedule returning 2.0)
+        raises naming its source; the coming ``step()`` raises the same way.
+        """
+        return self._plan({})
+
     # ------------------------------------------------------------------ the step
+    def _rate_tables(self, rates: tuple[float, ...]) -> tuple[list[int], list[float]]:
+        """Thresholds and survivors' factors for the plan's rates (cached: rates rarely change)."""
+        key = (rates, self.rescale)
+        cached = self.__dict__.get("_rate_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        per_rate = {}
+        for r in set(rates):
+            thr = _masks.keep_threshold(r)
+            per_rate[r] = (thr, _masks.survivor_scale(thr, self.rescale))
+        thresholds = [per_rate[r][0] for r in rates]
+        scales = [per_rate[r][1] for r in rates]
+        self.__dict__["_rate_cache"] = (key, thresholds, scales)
+        return thresholds, scales
+
     @torch.no_grad()
-    def _mask_gradients(self, plan: list[tuple[int, torch.Tensor, float]], evaluation: int) -> None:
-        grads, keys, thresholds, scales, offsets = [], [], [], [], []
-        owned = _distributed._zero_owned_param_ids(self.optimizer)  # None: every parameter
+    def _mask_gradients(self, plan: list[tuple[int, torch.Tensor, float]], evaluation: int,
+                        grads: list[torch.Tensor | None] | None = None) -> None:
+        """Mask the gradients of ``plan`` (``grads``: the plan's gradients, default each ``p.grad``)."""
+        if not plan:
+            return
+        indices, params, rates = zip(*plan)
+        if grads is None:
+            grads = list(map(_get_grad, params))
         prefix = _masks.step_prefix(self.seed, self._step_count)  # the per-step half of every key
         stream = _masks.MASKS_STREAM + evaluation
-        if owned is None and not self._premasked and self.impl != "reference" and plan:
-            # the fused CPU kernel takes the whole plan in one call and derives the keys in C;
-            # what it cannot serve (sparse, DTensor, CUDA, ... gradients) comes back for the loop below
-            kernels = _fused_kernel()
-            left = None if kernels is None else kernels.mask_planned_(
-                plan, prefix, stream, self.rescale, strict=self.impl == "fused"
-            )
-            if left is not None:
-                plan = left
-            if plan and any(e[1].grad is not None and e[1].grad.is_cuda for e in plan):
-                # CUDA gradients: the Triton kernel takes the rest of the plan in one launch, keys derived on the GPU
-                from . import _triton_kernels  # noqa: PLC0415 - imports Triton lazily
-
-                left = _triton_kernels.mask_planned_(plan, prefix, stream, self.rescale, strict=self.impl == "fused")
-                if left is not None:
-                    plan = left
-        per_rate: dict[float, tuple[int, float]] = {}  # rate -> (threshold, scale), a few distinct rates
-        for index, p, rate in plan:
-            g = p.grad
-            if g is None or rate == 0.0:
+        owned = zero_owned_param_ids(self.optimizer)  # None: every parameter
+        thresholds, scales = self._rate_tables(rates)
+        if owned is None and not self._premasked and set(map(type, grads)) == _PLAIN and not any(map(_is_sparse, grads)):
+            # the common case, list-wide: the dispatcher picks the kernel once for the whole step
+            apply_masks_(grads, indices, thresholds, scales, None, prefix=prefix, stream=stream, impl=self.impl)
+            return
+        pieces, piece_indices, piece_thresholds, piece_scales, offsets = [], [], [], [], []
+        for index, p, g, thr, scale in zip(indices, params, grads, thresholds, scales):
+            if g is None or thr >= _TWO32 and scale == 1.0:
                 continue
             if owned is not None and id(p) not in owned:
                 continue  # ZeroRedundancyOptimizer: another rank steps p and broadcasts it
             if g.is_sparse:
                 g = g._values()
-            key = _masks.key_from_prefix(prefix, index, stream)
-            if rate not in per_rate:
-                per_rate[rate] = (_masks.keep_threshold(rate), _scale_for(rate, self.rescale))
-            threshold, scale = per_rate[rate]
             if self._premasked and self._premasked.get(id(p)) == self._step_count:
                 if evaluation:
                     raise RuntimeError(
@@ -371,43 +408,47 @@ class DropGrad(torch.optim.Optimizer):
                         "come from dropgrad.distributed.masked_allreduce_hook, which can only draw the first "
                         "evaluation's masks; use DDP's default all-reduce with this optimizer"
                     )
-                threshold = _TWO32  # the hook applied this step's mask; only the factor is left
+                thr = _TWO32  # the hook applied this step's mask; only the factor is left
             # a DTensor gradient (FSDP2) is masked shard by shard, at its offset in the full parameter
-            for piece, offset in (_distributed.local_shards(g) if type(g) is not torch.Tensor else ((g, 0),)):
+            for piece, offset in (local_shards(g) if type(g) is not torch.Tensor else ((g, 0),)):
                 if piece.numel() == 0:
                     continue
-                grads.append(piece)
-                keys.append(key)
-                thresholds.append(threshold)
-                scales.append(scale)
+                pieces.append(piece)
+                piece_indices.append(index)
+                piece_thresholds.append(thr)
+                piece_scales.append(scale)
                 offsets.append(offset)
-        if grads:
-            apply_masks_(grads, keys, thresholds, scales, offsets, impl=self.impl)
+        if pieces:
+            apply_masks_(pieces, piece_indices, piece_thresholds, piece_scales, offsets,
+                         prefix=prefix, stream=stream, impl=self.impl)
 
     def _skip_this_step(self, cache: dict[int, float]) -> bool:
         fud = self._drop_rate if self._full_update_drop == "drop_rate" else self._full_update_drop
-        q = evaluate_rate(fud, self._step_count, cache)
+        q = evaluate_rate(fud, self._step_count, cache, "full_update_drop")
         if q == 0.0:
             return False
         key = _masks.derive_key(self.seed, self._step_count, 0, _masks.FULL_UPDATE_STREAM)
         return _masks.hash32(key, 0) < int(round(q * _TWO32))
 
     # The bookkeeping around the wrapped step (rates, the full-update coin, mask
-    # keys: Python-int hashing of counters) runs outside torch.compile. Traced, the
-    # counters become guarded constants or symbolic ints: every step recompiled,
-    # and the step count and the full-update coin were silently frozen. Kept
-    # eager, a compiled train step still compiles the wrapped optimizer's step.
+    # keys: Python-int hashing of counters) runs outside torch.compile's tracing:
+    # traced, the counters would become guarded constants (a recompile every step,
+    # a frozen clock). A compiled step without full update drop or a closure goes
+    # through the custom op of dropgrad.compiled (no graph break); otherwise these
+    # are excluded from tracing (a graph break each).
     @torch._disable_dynamo
     def _begin_step(self, mask_now: bool) -> bool:
         if not self._seed_agreed:
-            _distributed._agree_seed_if_distributed(self)
+            agree_seed_if_distributed(self)
         cache: dict[int, float] = {}
-        self._pending_plan = self._plan(cache)
-        self._pending_evaluations = itertools.count()
-        self._pending_default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
+        plan = self._plan(cache)  # validates every rate before anything changes
+        default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
         skip = self._skip_this_step(cache)
+        self._pending_plan = plan
+        self._pending_evaluations = itertools.count()
+        self._pending_default = default
         if mask_now and not skip:
-            self._mask_gradients(self._pending_plan, 0)
+            self._mask_gradients(plan, 0)
         return skip
 
     @torch._disable_dynamo
@@ -441,6 +482,26 @@ class DropGrad(torch.optim.Optimizer):
                 seen.add(id(sched))
                 sched.step()
 
+    def _mask_compiled_step(self, grads: list[torch.Tensor], indices: list[int]) -> None:
+        """The eager body of ``torch.ops.dropgrad.mask_step_``: plan, mask ``grads``, advance the clock.
+
+        ``grads`` are the gradients of the parameters at positions ``indices``
+        (under functionalization, possibly copies that are written back after
+        the op), so they are masked as given rather than read from ``p.grad``.
+        """
+        skip = self._begin_step(mask_now=False)
+        if skip:  # the traced step checked that full update drop is off; it changed since
+            self._end_step(skip)
+            raise RuntimeError("full_update_drop was turned on under a compiled step; recompile (torch._dynamo.reset())")
+        position = {j: k for k, (j, _, _) in enumerate(self._pending_plan)}
+        plan = [self._pending_plan[position[j]] for j in indices]
+        self._mask_gradients(plan, 0, list(grads))
+        self._end_step(False)
+
+    def _compilable(self) -> bool:
+        # what the custom op path serves; read by traced code, so each is a guard, not per-step work
+        return self._full_update_drop == 0.0 and not self._premasked and compiled.SUPPORTED
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask the gradients, then step the wrapped optimizer (or skip the step).
 
@@ -448,7 +509,18 @@ class DropGrad(torch.optim.Optimizer):
         (LBFGS evaluates it several times; each evaluation draws fresh masks).
         A step skipped by full update drop still evaluates the closure and
         returns its loss, but leaves parameters and optimizer state untouched.
+        An invalid rate (from any source) raises before anything changes.
+
+        Calling the wrapped optimizer's own ``step()`` instead (for example
+        ``opt.optimizer.step()``) bypasses DropGrad: no masks, no clock.
         """
+        if closure is None and torch.compiler.is_compiling() and self._compilable():
+            params = self._flat_params()
+            indices = [j for j, p in enumerate(params) if p.grad is not None]
+            grads = [params[j].grad for j in indices]
+            if all(type(g) is torch.Tensor and not g.is_sparse for g in grads):
+                compiled.mask_step_(grads, self._handle, indices)
+                return self.optimizer.step()
         skip = self._begin_step(mask_now=closure is None)
         if skip:
             loss = None
@@ -469,6 +541,46 @@ class DropGrad(torch.optim.Optimizer):
         self._end_step(skip)
         return loss
 
+    def mask_gradients(self) -> bool:
+        """Mask this step's gradients and advance the clock, without stepping the wrapped optimizer.
+
+        For callers that run the wrapped optimizer's step themselves (the
+        framework callbacks of :mod:`dropgrad.integrations`): the masks, the
+        full-update coin, the step count and the schedules move exactly as in
+        :meth:`step`. Returns True when full update drop says to skip this
+        step (the gradients are then left unmasked; don't step).
+        """
+        skip = self._begin_step(mask_now=True)
+        self._end_step(skip)
+        return skip
+
+    # ------------------------------------------------------------------ distributed
+    @property
+    def seed_agreed(self) -> bool:
+        """Whether every rank is known to use this seed (explicit ``seed=``, or agreed at the first step)."""
+        return self._seed_agreed
+
+    def set_seed(self, seed: int, *, agreed: bool = True) -> None:
+        """Use ``seed`` for the masks from now on.
+
+        ``agreed`` says whether every rank is known to use it (as after
+        :func:`dropgrad.distributed.agree_seed`); with False, the next step inside
+        an initialized process group agrees on rank 0's seed first.
+        """
+        self.seed = _masks.check_seed(seed, "seed")
+        self._seed_agreed = bool(agreed)
+
+    def mark_premasked(self, params: Iterable[torch.Tensor]) -> None:
+        """Note that ``params``' gradients already carry this step's masks (without the factor).
+
+        :func:`dropgrad.distributed.masked_allreduce_hook` masks gradients while
+        it all-reduces them; the coming :meth:`step` then only multiplies those
+        gradients by the survivors' factor instead of masking them again.
+        """
+        step = self._step_count
+        for p in params:
+            self._premasked[id(p)] = step
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -478,7 +590,14 @@ class DropGrad(torch.optim.Optimizer):
             param_group["drop_rate"] = validate_rate(
                 param_group["drop_rate"], "param_group['drop_rate']", allow_none=True
             )
+        if isinstance(param_group, dict) and "params" in param_group:
+            new = param_group["params"]
+            new = [new] if isinstance(new, torch.Tensor) else list(new)
+            param_group["params"] = new
+            _refuse_duplicates(new, "add_param_group")
         self.optimizer.add_param_group(param_group)
+        if any(p.device.type == "cpu" for p in self.param_groups[-1]["params"]):
+            _cpu_kernel.start_build()
 
     # ------------------------------------------------------------------ checkpoints
     def _dropgrad_state(self) -> dict[str, Any]:
@@ -590,8 +709,8 @@ class DropGrad(torch.optim.Optimizer):
 
     @staticmethod
     def _restore_rate(saved: Any, live: Any, name: str, allow_none: bool = False) -> Any:
-        if _is_live_marker(saved):
-            if live is None or isinstance(live, float) or _is_live_marker(live):
+        if is_live_marker(saved):
+            if live is None or isinstance(live, float) or is_live_marker(live):
                 raise ValueError(
                     f"the checkpoint's {name} was a schedule/callable ({saved}); pass the same schedule "
                     f"when building DropGrad before loading (the live one is {live!r})"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dropgrad import masks
-from dropgrad.functional import _REFERENCE_CHUNK, _single_tensor_drop_grad_
+from dropgrad.kernels import reference
 
 M32 = 0xFFFFFFFF
 
@@ -51,10 +51,38 @@ def test_definition_is_pinned():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reference_kernel_chunks_give_the_same_bits(dtype):
-    n = 2 * _REFERENCE_CHUNK + 12345
+    n = 2 * reference.CHUNK + 12345
     g = torch.randn(n).to(dtype)
     key, thr, scale, off = masks.derive_key(3, 1, 4), masks.keep_threshold(0.3), 1 / 0.7, 2**32 - 1000
     chunked = g.clone()
-    _single_tensor_drop_grad_([chunked], [key], [thr], [scale], [off])
+    reference.mask_([chunked], [4], [thr], [scale], [off], masks.step_prefix(3, 1), 0)
     whole = g * (masks.keep_mask(n, key, thr, off).to(torch.float32) * scale)
     assert torch.equal(chunked, whole.to(dtype))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided"])
+def test_reference_kernel_masks_non_contiguous_gradients_in_bounded_chunks(layout, monkeypatch):
+    # the logical (row-major) element order defines the mask, whatever the memory layout;
+    # a small CHUNK forces the chunked path, whose bits must equal masking a contiguous copy
+    monkeypatch.setattr(reference, "CHUNK", 64)
+    base = torch.randn(6, 5, 7, 9)
+    view = {
+        "transposed": base.transpose(0, 3),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "strided": base[:, ::2, :, ::3],
+    }[layout]
+    thr, prefix = masks.keep_threshold(0.4), masks.step_prefix(5, 2)
+    got = torch.empty_strided(view.shape, view.stride()).copy_(view)  # the same non-contiguous layout
+    assert not got.is_contiguous() and got.numel() > 64
+    want = view.contiguous()
+    reference.mask_([got], [3], [thr], [1 / 0.6], [17], prefix, 0)
+    reference.mask_([want], [3], [thr], [1 / 0.6], [17], prefix, 0)
+    assert torch.equal(got.contiguous(), want)
+
+
+def test_survivor_scale_is_the_inverse_keep_probability():
+    for p in [0.0, 0.1, 0.5, 0.9, 1 - 1e-9, 1.0]:
+        thr = masks.keep_threshold(p)
+        scale = masks.survivor_scale(thr)
+        assert (thr / 2**32) * scale == pytest.approx(1.0 if thr else 0.0, rel=1e-15)
+    assert masks.survivor_scale(masks.keep_threshold(0.3), rescale=False) == 1.0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dropgrad import DropGrad, masks
-from dropgrad.functional import _scale_for
+
 
 
 def _fused_ok(cls):
@@ -121,7 +121,7 @@ def test_wrapped_step_equals_hand_masked_reference(name):
     ref_params = list(ref_model.parameters())
 
     def hand_mask(step):
-        thr, scale = masks.keep_threshold(p), _scale_for(p, True)
+        thr = masks.keep_threshold(p); scale = masks.survivor_scale(thr)
         for j, q in enumerate(ref_params):
             g = q.grad._values() if q.grad.is_sparse else q.grad
             keep = masks.keep_mask(g.numel(), masks.derive_key(seed, step, j), thr).view(g.shape)

@@ -31,12 +31,53 @@ def test_survivors_are_exactly_rescaled(p):
     out = g.clone()
     drop_grad_(out, p, seed=7)
     kept = out != 0
-    torch.testing.assert_close(out[kept], g[kept] / (1 - p), rtol=1e-15, atol=0)
+    # survivors are scaled by the inverse of the realised keep probability, 2**32 / threshold,
+    # which is 1/(1-p) up to the threshold's rounding (relative 2**-32 at most)
+    scale = masks.survivor_scale(masks.keep_threshold(p))
+    assert abs(scale * (1 - p) - 1) < 2**-31 / (1 - p)
+    torch.testing.assert_close(out[kept], g[kept] * scale, rtol=1e-15, atol=0)
     g32 = torch.randn(10_000)
     out32 = g32.clone()
     drop_grad_(out32, p, seed=7)
     kept = out32 != 0
-    assert torch.equal(out32[kept], g32[kept] * (1.0 / (1 - p)))
+    assert torch.equal(out32[kept], g32[kept] * scale)
+
+
+@pytest.mark.parametrize("p", [0.1, 1 - 1e-9, 1 - 3.5e-10, 1 - 2**-32])
+def test_exactly_unbiased_for_every_p_with_a_nonzero_threshold(p):
+    # Over an aligned block of 2**32 elements exactly `threshold` are kept (the hash is a
+    # bijection of the low word), so the mean of a masked all-ones gradient over the block
+    # is threshold * scale / 2**32: it must be 1 to float rounding, also where 1/(1-p) is
+    # far from 2**32/threshold (p = 1-1e-9: threshold 4, 1/(1-p) would give a mean of 0.93).
+    testing = pytest.importorskip("dropgrad.testing")
+    thr = masks.keep_threshold(p)
+    assert thr > 0
+    try:
+        kept = testing.count_kept(2**32, masks.derive_key(1, 2, 3), [thr], offset=2**32)[0]
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    assert kept == thr
+    assert kept * masks.survivor_scale(thr) / 2**32 == pytest.approx(1.0, rel=1e-15)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.999])
+def test_mean_of_masked_gradient_is_the_gradient(p):
+    # statistical: the mean over N elements of a masked all-ones gradient is 1 within 6 sigma
+    g = torch.ones(N, dtype=torch.float64)
+    drop_grad_(g, p, seed=11)
+    std = math.sqrt(p / (1 - p) / N)  # std of the mean of N iid (Bernoulli(1-p) / (1-p)) values
+    assert abs(g.mean().item() - 1.0) < SIGMA * std
+
+
+def test_rates_whose_threshold_rounds_to_zero_are_refused():
+    # 1 - 1e-12 keeps nothing (threshold 0) while 1/(1-p) = 1e12: refused, not silently all-dropped
+    with pytest.raises(ValueError, match=r"drop_rate=0.999999999999 is so close to 1 that no element would be kept"):
+        drop_grad_(torch.ones(4), 1 - 1e-12, seed=0)
+    with pytest.raises(ValueError, match="so close to 1"):
+        DropGrad(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1), drop_rate=1 - 1e-12)
+    g = torch.ones(4)
+    drop_grad_(g, 1.0, seed=0)  # exactly 1 still drops everything
+    assert torch.equal(g, torch.zeros(4))
 
 
 def test_masked_gradient_is_unbiased():

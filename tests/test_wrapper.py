@@ -213,7 +213,7 @@ def test_callable_rate_and_group_callable():
     opt.step()
     assert opt.current_drop_rates()[0] == 0.1
     bad = DropGrad(torch.optim.SGD(model.parameters(), lr=0.0), drop_rate=lambda step: 1.5)
-    with pytest.raises(ValueError, match=r"drop rate from .* at step 0 must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"drop_rate \(callable .* at step 0\) must be in \[0, 1\], got 1.5"):
         bad.step()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..functional import _seed_from_generator
+from ..masks import draw_seed
 from ..rates import validate_rate
 from ..wrapper import DropGrad
 
@@ -92,7 +92,7 @@ class DropGradHook:
             raise TypeError(f"rescale must be a bool, got {rescale!r}")
         self._seed_given = seed is not None
         if seed is None:
-            seed = _seed_from_generator(None)
+            seed = draw_seed(None)
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = int(seed)
@@ -132,7 +132,7 @@ class DropGradHook:
             model=model,
             impl=c["impl"],
         )
-        new._seed_agreed = self._seed_given
+        new.set_seed(new.seed, agreed=self._seed_given)
         if dg is not None:  # the framework rebuilt its optimizer: keep our clock and seed
             new._load_own_state(dg._dropgrad_state())
         elif slot in self._pending:
@@ -150,8 +150,7 @@ class DropGradHook:
             slot: which of several optimizers this is (0 for the first).
         """
         dg = self.wrapper(optimizer, model, slot)
-        skip = dg._begin_step(mask_now=True)
-        dg._end_step(skip)
+        skip = dg.mask_gradients()
         if skip:
             for group in dg.param_groups:
                 for p in group["params"]:

@@ -12,7 +12,7 @@
  * The keys may be given (k0 | k1 << 32) or derived here from the step prefix,
  * the tensor index and the stream (dropgrad.masks.key_from_prefix).
  *
- * Built at first use by dropgrad/_kernels.py with `cc -O3 -fopenmp -shared`
+ * Built by dropgrad/kernels/cpu.py (in the background, from DropGrad()) with `cc -O3 -fopenmp -shared`
  * (OpenMP is optional) and called through ctypes, which releases the GIL.
  * Do not build with -ffast-math: it breaks NaN/subnormal parity with torch.
  */
@@ -232,10 +232,15 @@ static inline uint64_t key_word(uint64_t prefix, uint64_t index, uint64_t stream
     return splitmix64(splitmix64(prefix ^ index) ^ stream);
 }
 
+#ifdef DROPGRAD_TESTING
+/* Entry points for the test suite only (dropgrad.testing builds a separate library with
+ * -DDROPGRAD_TESTING); the library that masks gradients does not export them. */
+
 /* Keys of `count` tensors: out[j] = key_word(prefix, index[j], stream) (index NULL: index j). */
 void dropgrad_derive_keys(int64_t count, uint64_t prefix, uint64_t stream, const uint64_t *index, uint64_t *out) {
     for (int64_t j = 0; j < count; j++) out[j] = key_word(prefix, index ? index[j] : (uint64_t)j, stream);
 }
+#endif /* DROPGRAD_TESTING */
 
 /* One tensor's work, resolved once per call. */
 typedef struct {
@@ -320,7 +325,8 @@ int dropgrad_mask_tensors(int64_t count, const uint64_t *ptrs, const int64_t *nu
     return 0;
 }
 
-/* Keep bits only (1 = kept), for tests and tools: out[i] for elements offset .. offset + n - 1. */
+#ifdef DROPGRAD_TESTING
+/* Keep bits only (1 = kept), for tests: out[i] for elements offset .. offset + n - 1. */
 void dropgrad_keep_bits(uint8_t *out, int64_t n, uint32_t k0, uint32_t k1, uint64_t threshold, uint64_t offset) {
     const int all = threshold >= 0x100000000ull;
     for (int64_t i = 0; i < n; i++) {
@@ -370,8 +376,9 @@ void dropgrad_count_below4(int64_t n, uint32_t k0, uint32_t k1, uint64_t offset,
     }
     counts[0] = a0; counts[1] = a1; counts[2] = a2; counts[3] = a3;
 }
+#endif /* DROPGRAD_TESTING */
 
-int dropgrad_abi_version(void) { return 3; }
+int dropgrad_abi_version(void) { return 4; }
 
 int dropgrad_max_threads(void) {
 #ifdef _OPENMP

@@ -1,6 +1,6 @@
 """The Triton source of the CUDA mask kernel (imported only when Triton is importable).
 
-Kept apart from :mod:`dropgrad._triton_kernels` because ``@triton.jit``
+Kept apart from :mod:`dropgrad.kernels.cuda` because ``@triton.jit``
 functions must live at module level (the JIT resolves the helpers a kernel
 calls through the module's globals). See that module for the contract.
 """
@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024  # elements per vector step of a program
-_CHUNK = 4 * _BLOCK  # elements per program (the steps unrolled, so their loads overlap)
-_COLS = 8  # int64 words per tensor in the table
+BLOCK = 1024  # elements per vector step of a program
+CHUNK = 4 * BLOCK  # elements per program (the steps unrolled, so their loads overlap)
+COLS = 8  # int64 words per tensor in the table
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _arg32(x):
 
 @triton.jit(do_not_specialize=["prefix_lo", "prefix_hi", "stream_lo", "stream_hi", "thr_arg", "bits_lo", "bits_hi"])
 def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream_hi, thr_arg, bits_lo, bits_hi,
-                  OUT_DTYPE: tl.constexpr, WIDE: tl.constexpr, DERIVE: tl.constexpr, UNIFORM: tl.constexpr,
+                  OUT_DTYPE: tl.constexpr, WIDE: tl.constexpr, UNIFORM: tl.constexpr,
                   COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # program pid masks one chunk of one tensor: chunks_ptr[pid] is the tensor's table row, and the
     # row's column 7 the program id of its first chunk. Per-step values come as arguments, so a
@@ -44,16 +44,13 @@ def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream
     numel = tl.load(row + 1)
     start = (pid - tl.load(row + 7)) * CHUNK
     ptr = tl.load(row).to(tl.pointer_type(OUT_DTYPE))
-    if DERIVE:  # masks.key_from_prefix(prefix, index, stream), the index in column 2
-        prefix = (_arg32(prefix_hi).to(tl.uint64) << 32) | _arg32(prefix_lo).to(tl.uint64)
-        stream = (_arg32(stream_hi).to(tl.uint64) << 32) | _arg32(stream_lo).to(tl.uint64)
-        z = _splitmix64(prefix ^ tl.load(row + 2).to(tl.uint64, bitcast=True))
-        z = _splitmix64(z ^ stream)
-        k0 = z.to(tl.uint32)
-        k1 = (z >> 32).to(tl.uint32)
-    else:
-        k0 = tl.load(row + 2).to(tl.uint32)
-        k1 = tl.load(row + 3).to(tl.uint32)
+    # the key: masks.key_from_prefix(prefix, index, stream), the index in column 2
+    prefix = (_arg32(prefix_hi).to(tl.uint64) << 32) | _arg32(prefix_lo).to(tl.uint64)
+    stream = (_arg32(stream_hi).to(tl.uint64) << 32) | _arg32(stream_lo).to(tl.uint64)
+    z = _splitmix64(prefix ^ tl.load(row + 2).to(tl.uint64, bitcast=True))
+    z = _splitmix64(z ^ stream)
+    k0 = z.to(tl.uint32)
+    k1 = (z >> 32).to(tl.uint32)
     if UNIFORM:  # one rate for every tensor: threshold and factor bits from the arguments
         thr = thr_arg - 1099511627776  # 2**40 bias; int64 in [0, 2**32]
         bits = ((_arg32(bits_hi).to(tl.uint64) << 32) | _arg32(bits_lo).to(tl.uint64)).to(tl.int64, bitcast=True)
@@ -71,7 +68,7 @@ def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream
         inside = i < numel
         idx = off + i
         # hash32: fmix32(fmix32(lo ^ k0) ^ (hi + k1)), the two middle xorshifts
-        # cancelled as in _csrc/masks.c (c1 ^ c1 >> 16 is xored in instead of c1)
+        # cancelled as in kernels/masks.c (c1 ^ c1 >> 16 is xored in instead of c1)
         h = idx.to(tl.uint32) ^ k0
         h ^= h >> 16
         h *= 0x85EBCA6B
@@ -109,21 +106,20 @@ _TYPES = {
 _BIAS = 1 << 40
 
 
-def launch(dtype: torch.dtype, table: torch.Tensor, chunks: torch.Tensor, nprograms: int, prefix: int | None,
+def launch(dtype: torch.dtype, table: torch.Tensor, chunks: torch.Tensor, nprograms: int, prefix: int,
            stream: int, uniform: tuple[int, int] | None) -> None:
-    """Mask the tensors of ``table`` (device int64, ``_COLS`` words a row) with one program per chunk.
+    """Mask the tensors of ``table`` (device int64, ``COLS`` words a row) with one program per chunk.
 
-    ``chunks`` (device int32) maps each program to its row. With ``prefix`` the
-    keys are derived from the rows' indices; with ``uniform = (threshold,
+    ``chunks`` (device int64) maps each program to its row. The keys are derived
+    from ``prefix``, the rows' indices and ``stream``; with ``uniform = (threshold,
     factor bits)`` every row uses those instead of its own columns 4-5.
     """
-    p = 0 if prefix is None else prefix
-    thr, bits = uniform if uniform is not None else (0, 0)
+    p = prefix    thr, bits = uniform if uniform is not None else (0, 0)
     m32 = 0xFFFFFFFF
     _masks_kernel[(nprograms,)](
         table, chunks,
         (p & m32) + _BIAS, (p >> 32 & m32) + _BIAS, (stream & m32) + _BIAS, (stream >> 32 & m32) + _BIAS,
         thr + _BIAS, (bits & m32) + _BIAS, (bits >> 32 & m32) + _BIAS,
-        OUT_DTYPE=_TYPES[dtype], WIDE=dtype == torch.float64, DERIVE=prefix is not None, UNIFORM=uniform is not None,
-        COLS=_COLS, CHUNK=_CHUNK, BLOCK=_BLOCK,
+        OUT_DTYPE=_TYPES[dtype], WIDE=dtype == torch.float64, UNIFORM=uniform is not None,
+        COLS=COLS, CHUNK=CHUNK, BLOCK=BLOCK,
     )

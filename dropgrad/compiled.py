@@ -1,0 +1,62 @@
+"""DropGrad inside ``torch.compile``: a step's masking as one registered custom op.
+
+Traced by Dynamo, the Python bookkeeping of a DropGrad step (rates, the step
+counter, the full-update coin, SplitMix64 keys on Python ints) would either
+become guarded constants (a recompile every step, a frozen clock) or need a
+graph break. Instead :meth:`DropGrad.step <dropgrad.DropGrad.step>`, when it is
+being compiled, hands the gradients to ``torch.ops.dropgrad.mask_step_``: an
+opaque op that mutates them in place (``mutates_args``), with a fake
+implementation that does nothing, so it sits inside the compiled graph like any
+in-place op. At run time the op calls back into its DropGrad (registered here
+by handle, weakly) which plans the step's rates, masks, and advances its clock
+eagerly, exactly as an eager step would. A compiled training step therefore
+has no more graph breaks than with the bare optimizer, and compiles once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["register", "mask_step_", "SUPPORTED"]
+
+_callbacks: dict[int, weakref.WeakMethod] = {}
+_handles = itertools.count(1)
+
+
+def register(callback: Callable[[list[torch.Tensor], list[int]], None]) -> int:
+    """Register a bound method ``callback(grads, indices)`` (held weakly); returns its handle for the op."""
+    handle = next(_handles)
+    _callbacks[handle] = weakref.WeakMethod(callback, lambda _ref, h=handle: _callbacks.pop(h, None))
+    return handle
+
+
+def _call(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+    ref = _callbacks.get(handle)
+    callback = None if ref is None else ref()
+    if callback is None:
+        raise RuntimeError(f"dropgrad::mask_step_: the DropGrad of handle {handle} no longer exists")
+    callback(grads, indices)
+
+
+#: whether this torch has ``torch.library.custom_op`` (2.4+); without it a compiled step graph-breaks
+SUPPORTED = hasattr(torch.library, "custom_op")
+
+if SUPPORTED:
+
+    @torch.library.custom_op("dropgrad::mask_step_", mutates_args=("grads",))
+    def mask_step_(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+        """Mask ``grads`` (those of parameters ``indices``) for the coming step of DropGrad ``handle``, in place."""
+        _call(grads, handle, indices)
+
+    @mask_step_.register_fake
+    def _mask_step_fake(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+        return None
+
+else:  # pragma: no cover - torch < 2.4 is not supported by the package
+
+    def mask_step_(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+        _call(grads, handle, indices)
