@@ -52,6 +52,9 @@ def _check_lists(grads, indices, thresholds, scales, offsets) -> None:
             "grads, indices, thresholds, scales and offsets must have equal lengths, got "
             f"{n}, {len(indices)}, {len(thresholds)}, {len(scales)}, {len(offsets)}"
         )
+    if n and set(map(type, thresholds)) != {int}:
+        bad = next(t for t in thresholds if type(t) is not int)
+        raise TypeError(f"thresholds must be ints in [0, 2**32] (masks.keep_threshold), got {bad!r} of type {type(bad).__name__}")
     if n and (min(thresholds) < 0 or max(thresholds) > TWO32):
         bad = next(t for t in thresholds if not 0 <= t <= TWO32)
         raise ValueError(f"thresholds must be in [0, 2**32], got {bad!r}")
@@ -144,7 +147,8 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
             reference.mask_(grads, indices, thresholds, scales, offsets, *args)
         return
     groups: dict[str, list[int]] = {"cpu": [], "cuda": [], "reference": []}
-    cpu_ok = cpu.ready() or (impl == "fused" and any(g.device.type == "cpu" for g in grads) and _fused_cpu_or_raise())
+    has_cpu = any(g.device.type == "cpu" for g in grads)  # only then may the C kernel be built
+    cpu_ok = has_cpu and (cpu.ready() or (impl == "fused" and _fused_cpu_or_raise()))
     cuda_ok = on_cuda and cuda.available()
     for j, g in enumerate(grads):
         kind = g.device.type

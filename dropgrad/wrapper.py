@@ -285,7 +285,8 @@ class DropGrad(torch.optim.Optimizer):
     def stats(self, exact: bool = False) -> dict[str, Any]:
         """Statistics of the last step, to log: rates, share of dropped elements, skip.
 
-        Returns a dict with ``step`` (the step's index, ``step_count - 1``),
+        Returns a dict with ``last_step`` (the index of the step just taken,
+        ``step_count - 1``; ``step_count`` is the number of steps taken),
         ``skipped`` (full update drop skipped it), ``drop_rate`` (the default rate
         in force, or None), ``min_drop_rate``/``max_drop_rate`` and
         ``expected_dropped_fraction`` (numel-weighted mean rate) over the
@@ -298,7 +299,7 @@ class DropGrad(torch.optim.Optimizer):
         """
         record = getattr(self, "_last_step_record", None)
         if record is None:
-            return {"step": None, "skipped": False, "drop_rate": None, "min_drop_rate": None,
+            return {"last_step": None, "skipped": False, "drop_rate": None, "min_drop_rate": None,
                     "max_drop_rate": None, "expected_dropped_fraction": None, "dropped_fraction": None}
         step, skipped, default, sizes = record
         total = sum(n for _, n, _ in sizes)
@@ -316,7 +317,7 @@ class DropGrad(torch.optim.Optimizer):
                     zeros += int((_masks.hash_tensor(min(chunk, n - start), key, start) >= threshold).sum())
             dropped = zeros / total
         return {
-            "step": step,
+            "last_step": step,
             "skipped": skipped,
             "drop_rate": default,
             "min_drop_rate": min(rates) if rates else None,

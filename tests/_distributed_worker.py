@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from dropgrad import DropGrad  # noqa: E402
 from dropgrad import distributed as dgd  # noqa: E402
+from dropgrad.sharding import zero_owned_param_ids  # noqa: E402
 
 torch.set_num_threads(1)
 RANK = WORLD = 0
@@ -159,7 +160,7 @@ def ddp_unseeded_agree():
         return DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5, full_update_drop=0.3)
 
     model, opt, _ = ddp_run(steps, unseeded)
-    assert opt._seed_agreed, "seed not marked agreed after the first step"
+    assert opt.seed_agreed, "seed not marked agreed after the first step"
     seeds = gather(torch.tensor([opt.seed]))
     assert all(int(s) == int(seeds[0]) for s in seeds), f"seeds differ after agreement: {seeds}"
     assert_replicas_identical(flat(model.parameters()), "unseeded DDP params")
@@ -170,7 +171,7 @@ def ddp_unseeded_agree():
                  "unseeded DDP vs single process with rank 0's seed")
     # Accelerate's load_state_dict(state_dict()) keeps the agreement (no new collective needed)
     opt.load_state_dict(opt.state_dict())
-    assert opt._seed_agreed
+    assert opt.seed_agreed
 
 
 def ddp_drift_detected():
@@ -178,7 +179,7 @@ def ddp_drift_detected():
     def unagreed(model):
         torch.manual_seed(1000 + RANK)  # after make_model's manual_seed(0)
         opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5)
-        opt._seed_agreed = True  # pretend: skip the agreement
+        opt.set_seed(opt.seed, agreed=True)  # pretend: skip the agreement
         return opt
 
     model, _, _ = ddp_run(2, unagreed)
@@ -258,12 +259,12 @@ def zero_redundancy():
     assert_replicas_identical(params, "ZeRO params")
     assert_close(params, reference_run(steps, adam_dropgrad()), "ZeRO vs single process")
     # only owned gradients are masked: do one more backward and mask without stepping the base
-    owned = dgd._zero_owned_param_ids(opt.optimizer)
+    owned = zero_owned_param_ids(opt.optimizer)
     assert len(owned) < len(list(model.parameters())), "expected a strict subset owned per rank"
     x, y = data(1)
     loss_of(model, chunk(x[0, 0], RANK), chunk(y[0, 0], RANK)).backward()
     before = {id(p): p.grad.clone() for p in model.parameters()}
-    opt._mask_gradients(opt._plan({}), 0)
+    opt.mask_gradients()  # masks and advances the clock, without stepping the base
     for p in model.parameters():
         changed = not torch.equal(before[id(p)], p.grad)
         assert changed == (id(p) in owned), f"owned={id(p) in owned} but masked={changed}"
@@ -387,7 +388,6 @@ def comm_hook(strict_bitwise: bool = True):
         assert abs(ratio - expected) < 0.02, f"{what}: hook sent {ratio:.3f} of the bytes, expected ~{expected:.3f}"
         wire = model.bytes_written / max(ref_model.bytes_written, 1)
         assert wire < expected + 0.1, f"{what}: bytes written to sockets {wire:.3f} of default, expected ~{expected:.3f}"
-        assert opt._premasked and max(opt._premasked.values()) == steps - 1, "the hook marked nothing"
 
 
 class Cast(nn.Module):
@@ -424,8 +424,8 @@ def comm_hook_nonfinite():
     # not possible to inject into the bucket after backward; run the hook by hand on a fake bucket
     weight = model.module[0].weight
     keep = torch.ones(weight.numel())
-    dgd.apply_masks_([keep], [dgd._masks.derive_key(opt.seed, opt._step_count, 0)],
-                     [dgd._masks.keep_threshold(0.5)], [1.0])
+    dgd.apply_masks_([keep], [0], [dgd._masks.keep_threshold(0.5)], [1.0],
+                     prefix=dgd._masks.step_prefix(opt.seed, opt.step_count))
     dropped = int((keep == 0).nonzero()[0])
     grad = torch.ones(weight.numel())
     if RANK == 1:

@@ -156,21 +156,21 @@ def _opt(seed=None, **kw):
 def test_seed_agreed_flag_round_trips_and_old_checkpoints_load():
     _, seeded = _opt(seed=1)
     _, drawn = _opt()
-    assert seeded._seed_agreed and not drawn._seed_agreed
+    assert seeded.seed_agreed and not drawn.seed_agreed
     assert seeded.state_dict()["dropgrad"]["seed_agreed"] is True
     drawn.load_state_dict(seeded.state_dict())
-    assert drawn._seed_agreed and drawn.seed == 1
+    assert drawn.seed_agreed and drawn.seed == 1
     old = seeded.state_dict()
     del old["dropgrad"]["seed_agreed"]  # a checkpoint from before distributed support
     seeded.load_state_dict(old)
-    assert not seeded._seed_agreed  # agree again at the next step (a no-op without a process group)
+    assert not seeded.seed_agreed  # agree again at the next step (a no-op without a process group)
 
 
 def test_no_process_group_means_no_communication():
     model, opt = _opt()
     model(torch.randn(4, 3)).sum().backward()
     opt.step()  # must not need torch.distributed to be initialized
-    assert not opt._seed_agreed
+    assert not opt.seed_agreed
 
 
 def test_local_shards_of_a_plain_tensor_is_itself():
@@ -188,15 +188,13 @@ def test_premasked_gradients_are_only_rescaled_and_closures_refused():
     model, opt = _opt(seed=3)
     model(torch.randn(4, 3)).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    for p in model.parameters():
-        opt._premasked[id(p)] = opt.step_count  # as the comm hook marks them
+    opt.mark_premasked(model.parameters())  # as the comm hook marks them
     opt.step()
     for p, g, p0 in zip(model.parameters(), grads, [None, None]):
         assert torch.equal(p.grad, g * 2.0)  # factor 1/(1-0.5), no new mask
     lbfgs_model = torch.nn.Linear(3, 1)
     lbfgs = DropGrad(torch.optim.LBFGS(lbfgs_model.parameters(), max_iter=3), drop_rate=0.5, seed=0)
-    for p in lbfgs_model.parameters():
-        lbfgs._premasked[id(p)] = 0
+    lbfgs.mark_premasked(lbfgs_model.parameters())
 
     def closure():
         lbfgs.zero_grad()

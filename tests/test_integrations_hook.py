@@ -96,7 +96,7 @@ def test_hook_stats_and_name_keys():
     assert stats["min_drop_rate"] == 0.2 and stats["max_drop_rate"] == 0.6
     zeros = sum(int((p.grad == 0).sum()) for p in model.parameters())
     assert stats["dropped_fraction"] == zeros / sum(p.numel() for p in model.parameters())
-    assert stats["skipped_steps"] == 0 and stats["step"] == 0
+    assert stats["skipped_steps"] == 0 and stats["last_step"] == 0
 
 
 def test_several_optimizers_get_distinct_masks():

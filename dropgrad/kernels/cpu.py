@@ -193,14 +193,19 @@ def cache_dir() -> tuple[Path, str | None]:
     The configured directory when it is private (see the module docstring),
     else a fresh ``mkdtemp`` directory of this process.
     """
-    global _process_dir
     configured = _default_cache_dir()
     why = _private_dir(configured)
     if why is None:
         return configured, None
+    return _private_process_dir(), why
+
+
+def _private_process_dir() -> Path:
+    """This process's own build directory (``mkdtemp``: mode 0700, unpredictable name; not cached)."""
+    global _process_dir
     if _process_dir is None:
-        _process_dir = Path(tempfile.mkdtemp(prefix="dropgrad-"))  # mode 0700, unpredictable name
-    return _process_dir, why
+        _process_dir = Path(tempfile.mkdtemp(prefix="dropgrad-"))
+    return _process_dir
 
 
 # ------------------------------------------------------------------ the build
@@ -240,8 +245,13 @@ def _build(testing: bool, info: dict) -> ctypes.CDLL:
         tag = hashlib.sha256(
             b"\0".join([source, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), sys.platform.encode()])
         ).hexdigest()[:16]
-        path = directory / f"masks-{tag}{'-testing' if testing else ''}{suffix}"
-        lib = _load_or_compile(cc, flags, path, errors, info)
+        name = f"masks-{tag}{'-testing' if testing else ''}{suffix}"
+        lib = _load_or_compile(cc, flags, directory / name, errors, info)
+        if lib is None and errors and errors[-1].startswith("refusing to load"):
+            # a planted or tampered file in the cache: build this process's own copy elsewhere
+            why_not_cached = errors[-1][len("refusing to load "):]
+            directory = _private_process_dir()
+            lib = _load_or_compile(cc, flags, directory / name, errors, info)
         if lib is not None:
             info["cache_dir_refused"] = why_not_cached
             return lib

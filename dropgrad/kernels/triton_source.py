@@ -114,7 +114,8 @@ def launch(dtype: torch.dtype, table: torch.Tensor, chunks: torch.Tensor, nprogr
     from ``prefix``, the rows' indices and ``stream``; with ``uniform = (threshold,
     factor bits)`` every row uses those instead of its own columns 4-5.
     """
-    p = prefix    thr, bits = uniform if uniform is not None else (0, 0)
+    p = prefix
+    thr, bits = uniform if uniform is not None else (0, 0)
     m32 = 0xFFFFFFFF
     _masks_kernel[(nprograms,)](
         table, chunks,
