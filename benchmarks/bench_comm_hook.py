@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     import dropgrad
     from dropgrad import DropGrad
     from dropgrad.distributed import register_masked_allreduce_hook
-    from dropgrad.functional import _fused_kernel
+    from dropgrad.kernels import cpu as c_kernel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -100,7 +100,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
               f"{args.steps} measured steps after {args.warmup} warm-up; 1 thread per process\n")
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores shared by both processes; python "
               f"{platform.python_version()}, torch {torch.__version__}, dropgrad {dropgrad.__version__}, "
-              f"fused mask kernel: {'yes' if _fused_kernel() is not None else 'no (reference)'}\n")
+              f"fused mask kernel: {'yes' if c_kernel.available() else 'no (reference)'}\n")
         print("| p | all-reduce | socket bytes / step / rank | vs default | hook payload / step | step ms (median) "
               "| step ms (min) | vs default (median) | break-even link |")
         print("|---|---|---|---|---|---|---|---|---|")

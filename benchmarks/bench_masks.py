@@ -5,6 +5,8 @@ Run from the repository root::
     python benchmarks/bench_masks.py            # the full table (a few minutes on 2 cores)
     python benchmarks/bench_masks.py --quick    # fewer repetitions, for a smoke run
     python benchmarks/bench_masks.py --device cuda   # the same rows on a GPU (Triton kernel)
+    python benchmarks/bench_masks.py --sets transformer-161 --skip-reference --rates 0.1
+                                                 # the wrapper's per-step overhead on 161 tensors
 
 Prints one markdown table: for each parameter set, drop rate and thread count,
 the median time per step (ms) of
@@ -12,22 +14,26 @@ the median time per step (ms) of
 * floor: one in-place pass over all gradients, ``g.mul_(c)`` (the memory floor);
 * obvious: ``g.mul_(torch.bernoulli(torch.full_like(g, 1-p))).div_(1-p)`` per tensor;
 * reference / fast: ``dropgrad.functional.apply_masks_`` with ``impl="reference"``
-  and ``impl="fused"`` (keys precomputed: the kernel alone);
+  and ``impl="fused"`` (thresholds and factors precomputed: the dispatcher and kernel alone);
 * bare AdamW steps (default, foreach, fused) and ``DropGrad(AdamW)`` steps
   (everything the wrapper does per step: keys, rates, masks, the step);
 
-with the ratios fast/floor, obvious/fast and DropGrad(AdamW)/AdamW (and, in
-the last two columns, the same ratios from the fastest run of each row, which
-is what a quiet machine shows when other processes share the cores). Every
+with the ratios fast/floor, obvious/fast and DropGrad(AdamW)/AdamW, the
+wrapper's overhead per step over the bare fused step (DG(fused) - fused, in
+microseconds; it includes the mask pass) and what is left of it per tensor
+once the mask pass (the fast row) is taken off (the wrapper's bookkeeping), and, in the last two columns, the same ratios
+from the fastest run of each row, which is what a quiet machine shows when
+other processes share the cores. Every
 figure is a median over repeated runs after warm-up, in this one process,
 with the runs of all rows interleaved (so load from other processes hits
 every row alike); gradients are restored from a pristine copy before each timed run (untimed),
 so repeated masking never drives values to zero or infinity. Below the table:
 peak extra memory per step (from torch's CPU allocator, via the profiler's
-memory events) and the fused kernel's one-time build/load cost.
+memory events) and the C kernel's one-time build/load cost (built in the
+background from ``DropGrad()``: the construction time is printed too).
 
 With ``--device cuda`` every row runs on the GPU (the fast path is the Triton
-kernel of ``dropgrad/_triton_kernels.py``), each timed run ends with
+kernel of ``dropgrad/kernels/cuda.py``), each timed run ends with
 ``torch.cuda.synchronize()`` (so launch overhead counts, as it does in
 training), the thread column reads ``gpu``, the memory figures come from
 ``torch.cuda.max_memory_allocated`` and the one-time cost is Triton's compile
@@ -51,8 +57,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dropgrad import _kernels, masks  # noqa: E402
+from dropgrad import masks  # noqa: E402
 from dropgrad.functional import apply_masks_  # noqa: E402
+from dropgrad.kernels import cpu as c_kernel  # noqa: E402
+from dropgrad.kernels import cuda as triton_kernel  # noqa: E402
 
 try:
     from dropgrad import DropGrad  # noqa: E402
@@ -92,7 +100,16 @@ def resnet50_set() -> list[tuple[int, ...]]:
     return shapes
 
 
-SETS = {"flat 10M": flat_set, "transformer-like": transformer_set, "ResNet-50-like": resnet50_set}
+def transformer_161_set() -> list[tuple[int, ...]]:
+    """The GPT-like stack with 13 layers and an untied output head: 161 tensors (the wrapper-overhead set)."""
+    d, vocab = 320, 500
+    return transformer_set(d=d, layers=13, vocab=vocab) + [(vocab, d)]
+
+
+SETS = {
+    "flat 10M": flat_set, "transformer-like": transformer_set, "ResNet-50-like": resnet50_set,
+    "transformer-161": transformer_161_set,
+}
 
 
 # ------------------------------------------------------------------ timing
@@ -190,9 +207,10 @@ def bench_config(shapes, p: float, reps: int, warmup: int, reference: bool = Tru
         for g, src in zip(grads, pristine):
             g.copy_(src)
 
-    keys = [masks.derive_key(0, 1, j) for j in range(n)]
+    indices = list(range(n))
+    prefix = masks.step_prefix(0, 1)
     thr = [masks.keep_threshold(p)] * n
-    scales = [1.0 / (1.0 - p)] * n
+    scales = [masks.survivor_scale(thr[0])] * n
     offsets = [0] * n
 
     def floor():
@@ -206,11 +224,11 @@ def bench_config(shapes, p: float, reps: int, warmup: int, reference: bool = Tru
     # the slow rows (seconds per call for the reference on 10M+ elements) get fewer runs
     slow_rows = {"obvious": obvious}
     if reference:
-        slow_rows["reference"] = lambda: apply_masks_(grads, keys, thr, scales, offsets, impl="reference")
+        slow_rows["reference"] = lambda: apply_masks_(grads, indices, thr, scales, offsets, prefix=prefix, impl="reference")
     row = interleaved_medians(slow_rows, restore, min(reps, 3), 1)
     fast_rows = {
         "floor": floor,
-        "fast": lambda: apply_masks_(grads, keys, thr, scales, offsets, impl="fused"),
+        "fast": lambda: apply_masks_(grads, indices, thr, scales, offsets, prefix=prefix, impl="fused"),
     }
     for variant, kwargs in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         params = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in shapes]
@@ -226,13 +244,14 @@ def bench_config(shapes, p: float, reps: int, warmup: int, reference: bool = Tru
 def memory_rows(shapes, p: float) -> dict[str, int]:
     pristine, grads = make_grads(shapes)
     n = len(grads)
-    keys = [masks.derive_key(0, 1, j) for j in range(n)]
-    args = (keys, [masks.keep_threshold(p)] * n, [1.0 / (1.0 - p)] * n, [0] * n)
+    thr = masks.keep_threshold(p)
+    args = (list(range(n)), [thr] * n, [masks.survivor_scale(thr)] * n, [0] * n)
+    prefix = masks.step_prefix(0, 1)
     out = {
         "floor": peak_extra_bytes(lambda: [g.mul_(-1.0) for g in grads]),
         "obvious": peak_extra_bytes(lambda: [g.mul_(torch.bernoulli(torch.full_like(g, 1 - p))).div_(1 - p) for g in grads]),
-        "reference": peak_extra_bytes(lambda: apply_masks_(grads, *args, impl="reference")),
-        "fast": peak_extra_bytes(lambda: apply_masks_(grads, *args, impl="fused")),
+        "reference": peak_extra_bytes(lambda: apply_masks_(grads, *args, prefix=prefix, impl="reference")),
+        "fast": peak_extra_bytes(lambda: apply_masks_(grads, *args, prefix=prefix, impl="fused")),
     }
     if DropGrad is not None:
         params = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in shapes]
@@ -249,9 +268,7 @@ def memory_rows(shapes, p: float) -> dict[str, int]:
 
 def warmup_costs_cuda() -> dict[str, float]:
     """The Triton kernel's one-time cost: its first call compiles it (into an empty Triton cache)."""
-    from dropgrad import _triton_kernels  # noqa: PLC0415
-
-    if not _triton_kernels.available():
+    if not triton_kernel.available():
         return {}
     out = {}
     saved = os.environ.get("TRITON_CACHE_DIR")
@@ -262,7 +279,7 @@ def warmup_costs_cuda() -> dict[str, float]:
             for what in ("first call, compile", "second call"):
                 _sync()
                 t0 = time.perf_counter()
-                apply_masks_([g], [(1, 2)], [1 << 31], [2.0], [0], impl="fused")
+                apply_masks_([g], [0], [1 << 31], [2.0], [0], prefix=1, impl="fused")
                 _sync()
                 out[f"{what} {str(dtype)[6:]} (s)"] = time.perf_counter() - t0
         if saved is None:
@@ -273,33 +290,46 @@ def warmup_costs_cuda() -> dict[str, float]:
 
 
 def warmup_costs() -> dict[str, float]:
-    """The fused kernel's one-time costs: a cold build into an empty cache, a load from the cache, a first call."""
+    """The C kernel's one-time costs: DropGrad() with an empty cache (the build starts in the background),
+    a cold build into an empty cache, a load from the cache, a first call."""
     if DEVICE.type == "cuda":
         return warmup_costs_cuda()
     saved = os.environ.get("DROPGRAD_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DROPGRAD_CACHE_DIR"] = tmp
         try:
-            _kernels._reset_for_tests()
+            c_kernel.reset()
+            inner = torch.optim.SGD([torch.zeros(10, requires_grad=True)], lr=0.1)  # (torch's first-use imports)
             t0 = time.perf_counter()
-            ok = _kernels.available()
+            if DropGrad is not None:
+                DropGrad(inner, drop_rate=0.1, seed=0)  # starts the build in the background and returns
+            construct = time.perf_counter() - t0
+            ok = c_kernel.available()  # waits for it
+            background = time.perf_counter() - t0
+            c_kernel.reset()
+            os.environ["DROPGRAD_CACHE_DIR"] = os.path.join(tmp, "cold")
+            t0 = time.perf_counter()
+            c_kernel.available()
             cold = time.perf_counter() - t0
-            _kernels._reset_for_tests()
+            c_kernel.reset()
             t0 = time.perf_counter()
-            _kernels.available()
+            c_kernel.available()
             cached = time.perf_counter() - t0
             g = torch.randn(1000)
             t0 = time.perf_counter()
-            apply_masks_([g], [(1, 2)], [1 << 31], [2.0], [0], impl="fused" if ok else None)
+            apply_masks_([g], [0], [1 << 31], [2.0], [0], prefix=1, impl="fused" if ok else None)
             first = time.perf_counter() - t0
         finally:
             if saved is None:
                 os.environ.pop("DROPGRAD_CACHE_DIR", None)
             else:
                 os.environ["DROPGRAD_CACHE_DIR"] = saved
-            _kernels._reset_for_tests()
-            _kernels.available()
-    return {"cold build + load (s)": cold, "load from cache (s)": cached, "first call after load (s)": first}
+            c_kernel.reset()
+            c_kernel.available()
+    return {
+        "DropGrad() returns after (s)": construct, "background build ready after (s)": background,
+        "cold build + load (s)": cold, "load from cache (s)": cached, "first call after load (s)": first,
+    }
 
 
 # ------------------------------------------------------------------- main
@@ -334,12 +364,10 @@ def main() -> None:
         args.threads = [torch.get_num_threads()]
 
     if gpu:
-        from dropgrad import _triton_kernels  # noqa: PLC0415
-
-        if not _triton_kernels.available():
-            print(f"WARNING: Triton kernel unavailable ({_triton_kernels.unavailable_reason()}); 'fast' is the reference path")
-    elif not _kernels.available():
-        print(f"WARNING: fused kernel unavailable ({_kernels.unavailable_reason()}); 'fast' is the reference path")
+        if not triton_kernel.available():
+            print(f"WARNING: Triton kernel unavailable ({triton_kernel.unavailable_reason()}); 'fast' is the reference path")
+    elif not c_kernel.available():
+        print(f"WARNING: C kernel unavailable ({c_kernel.unavailable_reason()}); 'fast' is the reference path")
     costs = warmup_costs()
     cpu = platform.processor() or platform.machine()
     try:
@@ -356,7 +384,7 @@ def main() -> None:
     else:
         print(
             f"# {cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; python {platform.python_version()}; "
-            f"{_kernels.build_info().get('compiler', 'no compiler')} {_kernels.build_info().get('flags', '')}"
+            f"{c_kernel.build_info().get('compiler', 'no compiler')} {c_kernel.build_info().get('flags', '')}"
         )
     print(
         f"# ms per step: medians of {reps} runs after {warmup} warm-up (obvious and reference: 3 after 1), "
@@ -367,7 +395,7 @@ def main() -> None:
         "set", "tensors", "elements", "p", "thr", "floor", "obvious", "reference", "fast",
         "fast/floor", "obvious/fast",
         "AdamW", "DG(AdamW)", "ratio", "AdamW foreach", "DG(foreach)", "ratio", "AdamW fused", "DG(fused)", "ratio",
-        "best-of: fast/floor", "best-of: DG(fused)/fused",
+        "DG(fused)-fused (us)", "beyond fast, per tensor (us)", "best-of: fast/floor", "best-of: DG(fused)/fused",
     ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -388,6 +416,13 @@ def main() -> None:
                     bare = r[f"adamw {variant}"]
                     dg = r.get(f"dropgrad {variant}")
                     cells += [_fmt(bare), _fmt(dg) if dg else "-", f"{dg / bare:.2f}x" if dg else "-"]
+                over = r.get("dropgrad fused")
+                if over is None:
+                    cells += ["-", "-"]
+                else:
+                    over = (over - r["adamw fused"]) * 1e3
+                    # the wrapper's cost beyond the mask pass itself (the 'fast' row), per tensor
+                    cells += [f"{over:.0f}", f"{(over - r['fast'] * 1e3) / len(shapes):.2f}"]
                 cells.append(f"{r['min fast'] / r['min floor']:.2f}x")
                 dgf = r.get("min dropgrad fused")
                 cells.append(f"{dgf / r['min adamw fused']:.2f}x" if dgf else "-")
@@ -405,7 +440,7 @@ def main() -> None:
         parts = [f"{k} {v / 1e6:.1f} ({v / numel:.1f} B/elem)" for k, v in m.items()]
         print(f"#   {name}: " + ", ".join(parts))
     torch.set_num_threads(saved_threads)
-    print(f"# {'Triton' if gpu else 'fused'} kernel one-time cost: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+    print(f"# {'Triton' if gpu else 'C'} kernel one-time cost: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ py=${PYTHON:-python3}
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $py -c "import torch, triton, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', platform.python_version())"
+  # a kernel that cannot load makes the CUDA parity tests skip: say so up front
+  $py -c "from dropgrad.kernels import cpu, cuda; print('triton kernel:', cuda.available(), cuda.unavailable_reason()); print('C kernel:', cpu.available(), cpu.unavailable_reason())"
 } 2>&1 | tee "$out/machine.txt"
 $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_masks.py 2>&1 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
