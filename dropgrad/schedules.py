@@ -1,13 +1,16 @@
 """Drop-rate schedules: the drop rate as a function of the optimizer step.
 
-Every built-in schedule comes in two forms:
+Every built-in schedule is defined once, as a **pure function** of the step in the
+style of optax: ``linear_schedule(0.5, 0.0, 1000)`` checks its arguments and returns
+``f`` with ``f(step) -> rate``. It needs nothing but the step count to resume, and it
+composes (:func:`join_schedules`).
 
-* a **pure function** of the step, in the style of optax: ``linear_schedule(0.5,
-  0.0, 1000)`` returns ``f`` with ``f(step) -> rate``. It needs nothing but the
-  step count to resume, and it composes (:func:`join_schedules`);
-* a thin **stateful class** around it, ``LinearDropRateScheduler(0.5, 0.0, 1000)``,
-  with ``get_drop_rate()`` (the rate at the current step), ``step()`` (advance one
-  step), ``state_dict()`` / ``load_state_dict()`` and ``__call__(step)`` (the pure form).
+Each also has a **stateful form**, ``LinearDropRateScheduler(0.5, 0.0, 1000)``: the same
+function with a position, generated from it by one adapter. It takes the function's
+arguments (checked by the function), gives bit for bit the function's rates, and adds
+``get_drop_rate()`` (the rate at the current step), ``step()`` (advance one step),
+``state_dict()`` / ``load_state_dict()`` (``{"step_count": int}``) and ``__call__(step)``
+(the pure form). Its arguments are readable as (read-only) attributes.
 
 ``DropGrad`` accepts either, and any ``callable(step) -> rate`` too, wherever it
 accepts a rate. Per call of ``DropGrad.step()`` it reads ``get_drop_rate()`` of each
@@ -15,7 +18,8 @@ stateful schedule once, before masking, and calls its ``step()`` once afterwards
 so step 0 is the first optimizer step and ``num_steps`` counts optimizer steps; a
 step whose whole update was dropped still counts. A pure callable is called with
 the wrapper's own step count (0 for the first step). A schedule with a finite
-horizon holds its final value past the end.
+horizon holds its final value past the end. A rate outside ``[0, 1]`` (from a
+callable of your own) raises an error naming the schedule, the step and the value.
 
 :class:`AdaptiveDropRateScheduler` is the one schedule that is not a function of
 the step: it raises the rate when a metric you report stops improving.
@@ -24,10 +28,11 @@ the step: it raises the rate when a metric you report stops improving.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -59,21 +64,40 @@ __all__ = [
 # argument checks
 # ---------------------------------------------------------------------------
 
-def _check_real(value: object, name: str) -> float:
+def _check_real(value: object, name: str, allowed: str = "a real number") -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} of type {type(value).__name__}")
     return float(value)
 
 
 def _check_rate(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} of type {type(value).__name__}")
-    value = _check_real(value, name)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return value
+    rate = _check_real(value, name, "a real number in [0, 1]")
+    if math.isnan(rate) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
+    return rate
+
+
+def _check_fraction(value: object, name: str) -> float:
+    """A factor in (0, 1] (decay_rate, amplitude_decay)."""
+    x = _check_real(value, name, "a real number in (0, 1]")
+    if not 0.0 < x <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return x
+
+
+def _check_at_least(value: object, name: str, minimum: float) -> float:
+    x = _check_real(value, name, f"a finite number >= {minimum:g}")
+    if not (x >= minimum and math.isfinite(x)):
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return x
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -93,6 +117,13 @@ def _check_step(step: object) -> int:
     return int(step)
 
 
+def _rate_at(value: object, schedule: object, step: int) -> float:
+    """``value`` if it is a rate, else an error naming the schedule, the step, the value and ``[0, 1]``."""
+    if type(value) is float and 0.0 <= value <= 1.0:  # the common case, without building a message
+        return value
+    return _check_rate(value, f"drop rate from {schedule!r} at step {step}")
+
+
 def _between(value: float, a: float, b: float) -> float:
     # Interpolations are written a * (1 - w) + b * w, exact at w = 0 and w = 1;
     # in between they can still overshoot an end point by one ulp.
@@ -105,32 +136,31 @@ def _between(value: float, a: float, b: float) -> float:
 # ---------------------------------------------------------------------------
 
 class _Schedule:
-    """A pure schedule ``step -> rate``: a module-level function and its arguments.
+    """A pure schedule ``step -> rate``: a module-level function of the step and its checked arguments.
 
     Kept as data rather than a closure so it pickles and prints what it is.
     """
 
-    __slots__ = ("_name", "_fn", "_kwargs")
+    __slots__ = ("fn", "kwargs", "name")
 
     def __init__(self, name: str, fn: Callable[..., float], **kwargs: Any) -> None:
-        self._name = name
-        self._fn = fn
-        self._kwargs = kwargs
+        self.name, self.fn, self.kwargs = name, fn, kwargs
 
     def __call__(self, step: int) -> float:
-        return float(self._fn(_check_step(step), **self._kwargs))
+        step = _check_step(step)
+        return _rate_at(self.fn(step, **self.kwargs), self, step)
 
-    def _args_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
+    def args_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
     def __repr__(self) -> str:
-        return f"{self._name}({self._args_repr()})"
+        return f"{self.name}({self.args_repr()})"
 
     def __getstate__(self):
-        return (self._name, self._fn, self._kwargs)
+        return (self.name, self.fn, self.kwargs)
 
     def __setstate__(self, state) -> None:
-        self._name, self._fn, self._kwargs = state
+        self.name, self.fn, self.kwargs = state
 
 
 def _constant(step: int, drop_rate: float) -> float:
@@ -139,6 +169,9 @@ def _constant(step: int, drop_rate: float) -> float:
 
 def constant_schedule(drop_rate: float) -> Callable[[int], float]:
     """The same rate at every step.
+
+    Args:
+        drop_rate: the rate, in ``[0, 1]``.
 
     Example:
         >>> constant_schedule(0.1)(12345)
@@ -157,7 +190,14 @@ def _linear(step: int, initial_drop_rate: float, final_drop_rate: float, num_ste
 def linear_schedule(initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> Callable[[int], float]:
     """Linear from ``initial_drop_rate`` at step 0 to ``final_drop_rate`` at ``num_steps``, then constant.
 
-    ``rate(t) = initial + (final - initial) * min(t, num_steps) / num_steps``.
+    ``rate(t) = initial + (final - initial) * min(t, num_steps) / num_steps``; exactly
+    ``final_drop_rate`` from step ``num_steps`` on.
+
+    Args:
+        initial_drop_rate: rate at step 0, in ``[0, 1]``.
+        final_drop_rate: rate from step ``num_steps`` on, in ``[0, 1]``; may be above
+            ``initial_drop_rate``.
+        num_steps: length of the ramp in optimizer steps, an int >= 1.
 
     Example:
         >>> f = linear_schedule(0.5, 0.0, 100)
@@ -188,6 +228,11 @@ def cosine_annealing_schedule(
     ``rate(t) = final + (initial - final) * (1 + cos(pi * min(t, num_steps) / num_steps)) / 2``.
     Works in either direction (``final > initial`` rises along the cosine).
 
+    Args:
+        initial_drop_rate: rate at step 0, in ``[0, 1]``.
+        final_drop_rate: rate from step ``num_steps`` on, in ``[0, 1]``.
+        num_steps: length of the half cosine in optimizer steps, an int >= 1.
+
     Example:
         >>> f = cosine_annealing_schedule(0.4, 0.0, 100)
         >>> f(0), round(f(50), 12), f(100)
@@ -211,7 +256,10 @@ def _piecewise(step: int, initial_drop_rate: float, drop_rate_schedule: dict[int
 def step_schedule(initial_drop_rate: float, drop_rate_schedule: Mapping[int, float]) -> Callable[[int], float]:
     """Piecewise constant: ``drop_rate_schedule`` maps a step to the rate that holds from that step on.
 
-    Before the first key the rate is ``initial_drop_rate``; a key ``0`` replaces it.
+    Args:
+        initial_drop_rate: rate before the first key, in ``[0, 1]``; a key ``0`` replaces it.
+        drop_rate_schedule: ``{step: rate}``, steps ints >= 0 in any order, rates in
+            ``[0, 1]``. It is copied: later changes to your dict do not reach the schedule.
 
     Example:
         >>> f = step_schedule(0.5, {50: 0.3, 80: 0.1})
@@ -272,16 +320,13 @@ def exponential_decay_schedule(
         >>> f(0), f(10), f(20)
         (0.4, 0.2, 0.1)
     """
-    decay = _check_real(decay_rate, "decay_rate")
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"decay_rate must be in (0, 1], got {decay_rate!r}")
     if not isinstance(staircase, bool):
         raise TypeError(f"staircase must be a bool, got {staircase!r}")
     return _Schedule(
         "exponential_decay_schedule",
         _exponential,
         initial_drop_rate=_check_rate(initial_drop_rate, "initial_drop_rate"),
-        decay_rate=decay,
+        decay_rate=_check_fraction(decay_rate, "decay_rate"),
         decay_steps=_check_int(decay_steps, "decay_steps", 1),
         final_drop_rate=_check_rate(final_drop_rate, "final_drop_rate"),
         staircase=staircase,
@@ -346,19 +391,14 @@ def cyclical_schedule(
             f"high_drop_rate={high!r}; to start a cycle at the high rate, shift the schedule "
             "by half a period: lambda step: f(step + period // 2)"
         )
-    if mode not in _CYCLE_MODES:
-        raise ValueError(f"mode must be one of {_CYCLE_MODES}, got {mode!r}")
-    decay = _check_real(amplitude_decay, "amplitude_decay")
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"amplitude_decay must be in (0, 1], got {amplitude_decay!r}")
     return _Schedule(
         "cyclical_schedule",
         _cyclical,
         low_drop_rate=low,
         high_drop_rate=high,
         period=_check_int(period, "period", 2),
-        mode=mode,
-        amplitude_decay=decay,
+        mode=_check_choice(mode, "mode", _CYCLE_MODES),
+        amplitude_decay=_check_fraction(amplitude_decay, "amplitude_decay"),
     )
 
 
@@ -372,7 +412,13 @@ def linear_warmup_schedule(
     """Linear warm-up from ``initial_drop_rate`` (default 0) to ``drop_rate`` over ``warmup_steps``, then constant.
 
     Gradient dropout is often harmful in the first steps, when the gradient is
-    large and informative; a warm-up lets the model settle first.
+    large and informative; a warm-up lets the model settle first. The same curve as
+    ``linear_schedule(initial_drop_rate, drop_rate, warmup_steps)``.
+
+    Args:
+        drop_rate: rate from step ``warmup_steps`` on, in ``[0, 1]``.
+        warmup_steps: length of the warm-up in optimizer steps, an int >= 1.
+        initial_drop_rate: rate at step 0, in ``[0, 1]``.
 
     Example:
         >>> f = linear_warmup_schedule(0.2, warmup_steps=10)
@@ -443,12 +489,15 @@ class DropRateScheduler:
 
     The base of the stateful schedulers; give it any ``callable(step) -> rate`` to
     make a custom schedule with a position of its own (as ``LambdaLR`` does for
-    learning rates). The state is the step count alone.
+    learning rates). The state is the step count alone. Every rate read is checked:
+    a value that is not a real number in ``[0, 1]`` raises an error naming this
+    schedule, the step and the value.
 
     Args:
         schedule: a pure function ``step -> rate``.
 
     Attributes:
+        schedule: the pure function.
         step_count: number of ``step()`` calls so far; ``get_drop_rate()`` returns
             ``schedule(step_count)``.
 
@@ -469,7 +518,8 @@ class DropRateScheduler:
 
     def __call__(self, step: int) -> float:
         """The rate at ``step``, whatever the current position (the pure form)."""
-        return float(self.schedule(step))
+        step = _check_step(step)
+        return _rate_at(self.schedule(step), self, step)
 
     def get_drop_rate(self) -> float:
         """The rate at the current step."""
@@ -496,33 +546,85 @@ class DropRateScheduler:
         self.step_count = _check_int(count, "state_dict['step_count']", 0)
 
     def __repr__(self) -> str:
-        if type(self) is not DropRateScheduler and isinstance(self.schedule, _Schedule):
-            return f"{type(self).__name__}({self.schedule._args_repr()})"
         return f"{type(self).__name__}({self.schedule!r})"
 
 
-class ConstantDropRateScheduler(DropRateScheduler):
-    """The same rate at every step; see :func:`constant_schedule`.
+_SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _argument(name: str, fn_name: str) -> property:
+    """A read-only attribute for argument ``name``: a copy, so changing it cannot look as if it changed the rates."""
+
+    def get(self: _StatefulForm) -> Any:
+        value = self.schedule.kwargs[name]
+        return list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) else value
+
+    return property(get, doc=f"The ``{name}`` argument, as checked by :func:`{fn_name}` (read-only).")
+
+
+class _StatefulForm(DropRateScheduler):
+    """The adapter: a :class:`DropRateScheduler` generated from a pure schedule function.
+
+    ``class XDropRateScheduler(_StatefulForm, of=x_schedule)`` gets a constructor with
+    the signature of ``x_schedule`` that builds ``self.schedule = x_schedule(...)``
+    (so the arguments are checked once, by the function), one read-only attribute per
+    argument (the checked value) and the repr ``XDropRateScheduler(arg=value, ...)``.
+    Everything else (stepping, state, the rate check) is :class:`DropRateScheduler`'s.
+    """
+
+    schedule: _Schedule
+    if TYPE_CHECKING:  # the argument attributes are generated: let type checkers accept them
+        def __getattr__(self, name: str) -> Any: ...
+
+    def __init_subclass__(cls, of: Callable[..., Callable[[int], float]] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if of is None:  # a subclass of a built-in scheduler keeps the constructor it inherits
+            return
+        signature = inspect.signature(of)
+
+        def __init__(self: DropRateScheduler, *args: Any, **kwargs: Any) -> None:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{cls.__name__}(): {exc}") from None
+            DropRateScheduler.__init__(self, of(*bound.args, **bound.kwargs))
+
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Build the schedule with :func:`{of.__name__}`, which checks the arguments."
+        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[_SELF, *signature.parameters.values()], return_annotation="None"
+        )
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        for name in signature.parameters:
+            setattr(cls, name, _argument(name, of.__name__))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.schedule.args_repr()})"
+
+
+# The `if TYPE_CHECKING` constructors below only declare, for type checkers and static
+# documentation tools, the signature the adapter gives each class at run time (that of
+# its pure function; tests/test_schedules.py checks that the two agree).
+
+
+class ConstantDropRateScheduler(_StatefulForm, of=constant_schedule):
+    """The same rate at every step: the stateful form of :func:`constant_schedule`.
 
     Example:
         >>> ConstantDropRateScheduler(0.1).get_drop_rate()
         0.1
     """
 
-    def __init__(self, drop_rate: float) -> None:
-        super().__init__(constant_schedule(drop_rate))
-        self.drop_rate = self.schedule._kwargs["drop_rate"]
+    if TYPE_CHECKING:
+        def __init__(self, drop_rate: float) -> None: ...
 
 
-class LinearDropRateScheduler(DropRateScheduler):
+class LinearDropRateScheduler(_StatefulForm, of=linear_schedule):
     """Linear from ``initial_drop_rate`` to ``final_drop_rate`` over ``num_steps`` steps, then constant.
 
-    See :func:`linear_schedule` for the formula.
-
-    Args:
-        initial_drop_rate: rate right after construction, in ``[0, 1]``.
-        final_drop_rate: rate after ``num_steps`` calls of ``step()`` and from then on.
-        num_steps: length of the ramp in optimizer steps, an int >= 1.
+    The stateful form of :func:`linear_schedule` (arguments and formula there):
+    ``initial_drop_rate`` right after construction, ``final_drop_rate`` after
+    ``num_steps`` calls of ``step()`` and from then on.
 
     Example:
         >>> sched = LinearDropRateScheduler(0.5, 0.0, num_steps=4)
@@ -533,22 +635,14 @@ class LinearDropRateScheduler(DropRateScheduler):
         [0.5, 0.375, 0.25, 0.125, 0.0, 0.0]
     """
 
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__(linear_schedule(initial_drop_rate, final_drop_rate, num_steps))
-        kw = self.schedule._kwargs
-        self.initial_drop_rate, self.final_drop_rate, self.num_steps = (
-            kw["initial_drop_rate"], kw["final_drop_rate"], kw["num_steps"])
+    if TYPE_CHECKING:
+        def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None: ...
 
 
-class CosineAnnealingDropRateScheduler(DropRateScheduler):
+class CosineAnnealingDropRateScheduler(_StatefulForm, of=cosine_annealing_schedule):
     """Half a cosine from ``initial_drop_rate`` to ``final_drop_rate`` over ``num_steps`` steps, then constant.
 
-    See :func:`cosine_annealing_schedule` for the formula.
-
-    Args:
-        initial_drop_rate: rate right after construction, in ``[0, 1]``.
-        final_drop_rate: rate after ``num_steps`` calls of ``step()`` and from then on.
-        num_steps: length of the half cosine in optimizer steps, an int >= 1.
+    The stateful form of :func:`cosine_annealing_schedule` (arguments and formula there).
 
     Example:
         >>> sched = CosineAnnealingDropRateScheduler(0.3, 0.0, num_steps=1000)
@@ -556,21 +650,14 @@ class CosineAnnealingDropRateScheduler(DropRateScheduler):
         (0.3, 0.0)
     """
 
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__(cosine_annealing_schedule(initial_drop_rate, final_drop_rate, num_steps))
-        kw = self.schedule._kwargs
-        self.initial_drop_rate, self.final_drop_rate, self.num_steps = (
-            kw["initial_drop_rate"], kw["final_drop_rate"], kw["num_steps"])
+    if TYPE_CHECKING:
+        def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None: ...
 
 
-class StepDropRateScheduler(DropRateScheduler):
+class StepDropRateScheduler(_StatefulForm, of=step_schedule):
     """Piecewise constant: ``drop_rate_schedule`` maps a step to the rate from that step on.
 
-    See :func:`step_schedule`.
-
-    Args:
-        initial_drop_rate: rate before the first key, in ``[0, 1]``.
-        drop_rate_schedule: ``{step: rate}``, steps ints >= 0, rates in ``[0, 1]``.
+    The stateful form of :func:`step_schedule` (arguments there).
 
     Example:
         >>> sched = StepDropRateScheduler(0.5, {50: 0.3, 80: 0.1})
@@ -578,16 +665,14 @@ class StepDropRateScheduler(DropRateScheduler):
         (0.5, 0.3, 0.1)
     """
 
-    def __init__(self, initial_drop_rate: float, drop_rate_schedule: Mapping[int, float]) -> None:
-        super().__init__(step_schedule(initial_drop_rate, drop_rate_schedule))
-        kw = self.schedule._kwargs
-        self.initial_drop_rate, self.drop_rate_schedule = kw["initial_drop_rate"], dict(kw["drop_rate_schedule"])
+    if TYPE_CHECKING:
+        def __init__(self, initial_drop_rate: float, drop_rate_schedule: Mapping[int, float]) -> None: ...
 
 
-class ExponentialDecayDropRateScheduler(DropRateScheduler):
+class ExponentialDecayDropRateScheduler(_StatefulForm, of=exponential_decay_schedule):
     """Exponential approach from ``initial_drop_rate`` to ``final_drop_rate`` (default 0).
 
-    See :func:`exponential_decay_schedule` for the formula and arguments.
+    The stateful form of :func:`exponential_decay_schedule` (arguments and formula there).
 
     Example:
         >>> sched = ExponentialDecayDropRateScheduler(0.4, decay_rate=0.5, decay_steps=10)
@@ -595,25 +680,21 @@ class ExponentialDecayDropRateScheduler(DropRateScheduler):
         (0.4, 0.2)
     """
 
-    def __init__(
-        self,
-        initial_drop_rate: float,
-        decay_rate: float,
-        decay_steps: int = 1,
-        final_drop_rate: float = 0.0,
-        staircase: bool = False,
-    ) -> None:
-        super().__init__(
-            exponential_decay_schedule(initial_drop_rate, decay_rate, decay_steps, final_drop_rate, staircase)
-        )
-        for k, v in self.schedule._kwargs.items():
-            setattr(self, k, v)
+    if TYPE_CHECKING:
+        def __init__(
+            self,
+            initial_drop_rate: float,
+            decay_rate: float,
+            decay_steps: int = 1,
+            final_drop_rate: float = 0.0,
+            staircase: bool = False,
+        ) -> None: ...
 
 
-class CyclicalDropRateScheduler(DropRateScheduler):
+class CyclicalDropRateScheduler(_StatefulForm, of=cyclical_schedule):
     """Cycles between ``low_drop_rate`` and ``high_drop_rate`` every ``period`` steps.
 
-    See :func:`cyclical_schedule` for the formula and arguments.
+    The stateful form of :func:`cyclical_schedule` (arguments and formula there).
 
     Example:
         >>> sched = CyclicalDropRateScheduler(0.0, 0.4, period=10, mode="cosine")
@@ -621,23 +702,21 @@ class CyclicalDropRateScheduler(DropRateScheduler):
         (0.0, 0.4, 0.0)
     """
 
-    def __init__(
-        self,
-        low_drop_rate: float,
-        high_drop_rate: float,
-        period: int,
-        mode: str = "triangular",
-        amplitude_decay: float = 1.0,
-    ) -> None:
-        super().__init__(cyclical_schedule(low_drop_rate, high_drop_rate, period, mode, amplitude_decay))
-        for k, v in self.schedule._kwargs.items():
-            setattr(self, k, v)
+    if TYPE_CHECKING:
+        def __init__(
+            self,
+            low_drop_rate: float,
+            high_drop_rate: float,
+            period: int,
+            mode: str = "triangular",
+            amplitude_decay: float = 1.0,
+        ) -> None: ...
 
 
-class LinearWarmupDropRateScheduler(DropRateScheduler):
+class LinearWarmupDropRateScheduler(_StatefulForm, of=linear_warmup_schedule):
     """Linear warm-up to ``drop_rate`` over ``warmup_steps`` steps, then constant.
 
-    See :func:`linear_warmup_schedule`.
+    The stateful form of :func:`linear_warmup_schedule` (arguments there).
 
     Example:
         >>> sched = LinearWarmupDropRateScheduler(0.2, warmup_steps=10)
@@ -645,17 +724,16 @@ class LinearWarmupDropRateScheduler(DropRateScheduler):
         (0.0, 0.1, 0.2)
     """
 
-    def __init__(self, drop_rate: float, warmup_steps: int, initial_drop_rate: float = 0.0) -> None:
-        super().__init__(linear_warmup_schedule(drop_rate, warmup_steps, initial_drop_rate))
-        for k, v in self.schedule._kwargs.items():
-            setattr(self, k, v)
+    if TYPE_CHECKING:
+        def __init__(self, drop_rate: float, warmup_steps: int, initial_drop_rate: float = 0.0) -> None: ...
 
 
-class SequentialDropRateScheduler(DropRateScheduler):
+class SequentialDropRateScheduler(_StatefulForm, of=join_schedules):
     """Schedules one after another, ``schedules[i + 1]`` from step ``boundaries[i]`` on.
 
-    See :func:`join_schedules`. The position is this object's own step count; the
-    positions of stateful schedulers passed in are neither used nor changed.
+    The stateful form of :func:`join_schedules` (arguments there). The position is
+    this object's own step count; the positions of stateful schedulers passed in are
+    neither used nor changed.
 
     Example:
         >>> sched = SequentialDropRateScheduler(
@@ -665,10 +743,8 @@ class SequentialDropRateScheduler(DropRateScheduler):
         (0.0, 0.3, 0.0)
     """
 
-    def __init__(self, schedules: Sequence[Callable[[int], float]], boundaries: Sequence[int]) -> None:
-        super().__init__(join_schedules(schedules, boundaries))
-        self.schedules = list(self.schedule._kwargs["schedules"])
-        self.boundaries = list(self.schedule._kwargs["boundaries"])
+    if TYPE_CHECKING:
+        def __init__(self, schedules: Sequence[Callable[[int], float]], boundaries: Sequence[int]) -> None: ...
 
 
 # ---------------------------------------------------------------------------
@@ -757,34 +833,22 @@ class AdaptiveDropRateScheduler:
                     f"initial_drop_rate must be in [min_drop_rate, max_drop_rate] = "
                     f"[{self.min_drop_rate}, {self.max_drop_rate}], got {initial_drop_rate!r}"
                 )
-        if monitor not in ("metric", "gap"):
-            raise ValueError(f"monitor must be 'metric' or 'gap', got {monitor!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor = _check_choice(monitor, "monitor", ("metric", "gap"))
+        self.mode = _check_choice(mode, "mode", ("min", "max"))
         if monitor == "gap" and mode != "min":
             raise ValueError("monitor='gap' watches val_loss - train_loss, where lower is better: use mode='min'")
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-        self.monitor = monitor
-        self.mode = mode
-        self.threshold_mode = threshold_mode
+        self.threshold_mode = _check_choice(threshold_mode, "threshold_mode", ("rel", "abs"))
         self.patience = _check_int(patience, "patience", 0)
         self.cooldown = _check_int(cooldown, "cooldown", 0)
-        self.increment = _check_real(increment, "increment")
-        if not (self.increment >= 0.0 and math.isfinite(self.increment)):
-            raise ValueError(f"increment must be a finite number >= 0, got {increment!r}")
-        self.factor = _check_real(factor, "factor")
-        if not (self.factor >= 1.0 and math.isfinite(self.factor)):
-            raise ValueError(f"factor must be a finite number >= 1, got {factor!r}")
+        self.increment = _check_at_least(increment, "increment", 0.0)
+        self.factor = _check_at_least(factor, "factor", 1.0)
         if self.increment == 0.0 and (self.factor == 1.0 or initial == 0.0):
             raise ValueError(
                 f"with increment={increment!r} and factor={factor!r} the rate can never rise from "
                 f"{initial}: give increment > 0 (additive) or factor > 1 with a nonzero starting rate"
             )
-        self.threshold = _check_real(threshold, "threshold")
-        if not (self.threshold >= 0.0 and math.isfinite(self.threshold)):
-            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-        self._initial = initial
+        self.threshold = _check_at_least(threshold, "threshold", 0.0)
+        self.initial_drop_rate = initial
         self.drop_rate = initial
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_reports = 0
@@ -882,9 +946,5 @@ class AdaptiveDropRateScheduler:
             setattr(self, k, v)
 
     def __repr__(self) -> str:
-        return (
-            f"AdaptiveDropRateScheduler(min_drop_rate={self.min_drop_rate!r}, max_drop_rate={self.max_drop_rate!r}, "
-            f"initial_drop_rate={self._initial!r}, monitor={self.monitor!r}, mode={self.mode!r}, "
-            f"patience={self.patience!r}, increment={self.increment!r}, factor={self.factor!r}, "
-            f"threshold={self.threshold!r}, threshold_mode={self.threshold_mode!r}, cooldown={self.cooldown!r})"
-        )
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in inspect.signature(type(self)).parameters)
+        return f"{type(self).__name__}({args})"
