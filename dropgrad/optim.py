@@ -187,7 +187,12 @@ class DropGradOptimizer(DropGrad):
 
     def __repr__(self) -> str:
         text = super().__repr__()
-        return f"{type(self).__module__}.{type(self).__qualname__}" + text[len("DropGrad") :]
+        cls, base = type(self), type(self).base_optimizer
+        if cls.__qualname__ == cls.__name__:  # a ready-made class: dropgrad.optim.AdamW
+            title = f"{cls.__module__}.{cls.__qualname__}"
+        else:
+            title = f"dropgrad.wrap({base.__module__}.{base.__qualname__})"
+        return title + text[len("DropGrad") :]
 
 
 def _new_instance(base: type[torch.optim.Optimizer]) -> DropGradOptimizer:
@@ -246,10 +251,60 @@ def _make_class(base: type[torch.optim.Optimizer]) -> type[DropGradOptimizer]:
         f"Keyword arguments: those of ``{base.__name__}`` and DropGrad's "
         f"({', '.join(DROPGRAD_KWARGS)}); see :class:`~dropgrad.optim.DropGradOptimizer`."
     )
-    cls = type(name, (DropGradOptimizer,), {"base_optimizer": base, "__doc__": doc, "__module__": __name__})
+    namespace = {"base_optimizer": base, "__doc__": doc, "__module__": __name__, "__init__": _init_with_signature(base)}
+    cls = type(name, (DropGradOptimizer,), namespace)
     cls.__qualname__ = qualname
     setattr(sys.modules[__name__], qualname, cls)
     return cls
+
+
+# DropGrad's own keyword arguments as they appear in the class form's signature (types a config
+# parser such as jsonargparse can read; schedules and callables are still accepted at run time)
+_DROPGRAD_PARAMETERS = [
+    inspect.Parameter("drop_rate", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any),
+    inspect.Parameter("param_drop_rates", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict | None),
+    inspect.Parameter("full_update_drop", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Any),
+    inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=int | None),
+    inspect.Parameter("rescale", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool),
+    inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.nn.Module | None),
+    inspect.Parameter("named_parameters", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any),
+    inspect.Parameter("drop_rate_scheduler", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any),
+    inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
+]
+assert tuple(p.name for p in _DROPGRAD_PARAMETERS) == DROPGRAD_KWARGS
+
+
+def _init_with_signature(base: type[torch.optim.Optimizer]) -> Any:
+    """An ``__init__`` whose signature is the base optimizer's plus DropGrad's keyword arguments.
+
+    Config systems read it (LightningCLI/jsonargparse list ``--optimizer.lr`` and
+    ``--optimizer.drop_rate`` from it); the work is done by :class:`DropGradOptimizer`.
+    """
+
+    def __init__(self: DropGradOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+        DropGradOptimizer.__init__(self, params, *args, **kwargs)
+
+    try:
+        base_signature = inspect.signature(base.__init__)
+    except (TypeError, ValueError):
+        return __init__
+    head, keyword_only, var_keyword = [], [], []
+    for parameter in base_signature.parameters.values():
+        if parameter.name in DROPGRAD_KWARGS:
+            raise TypeError(
+                f"{base.__qualname__} takes an argument named {parameter.name!r}, which is also DropGrad's; "
+                f"wrap it by hand: DropGrad({base.__name__}(...), ...)"
+            )
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            keyword_only.append(parameter)
+        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            var_keyword.append(parameter)
+        else:
+            head.append(parameter)
+    __init__.__signature__ = base_signature.replace(  # type: ignore[attr-defined]
+        parameters=[*head, *keyword_only, *_DROPGRAD_PARAMETERS, *var_keyword], return_annotation=None
+    )
+    return __init__
 
 
 def _with_defaults(cls: type[DropGradOptimizer], defaults: dict[str, Any]) -> type[DropGradOptimizer]:
