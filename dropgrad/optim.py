@@ -67,7 +67,7 @@ _REGISTRY: dict[type, type[DropGradOptimizer]] = {}
 def _base_keywords(base: type) -> tuple[set[str], bool]:
     """The keyword names ``base.__init__`` takes after ``params``, and whether it takes ``**kwargs``."""
     try:
-        signature = inspect.signature(base.__init__)
+        signature = inspect.signature(vars(base).get("__init__") or base.__init__)  # type: ignore[misc]
     except (TypeError, ValueError):  # a C-level or otherwise opaque __init__: trust the caller
         return set(), True
     names: set[str] = set()
@@ -89,7 +89,7 @@ def _split_names(params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]] | Non
     are (they keep the names in ``param_groups[i]["param_names"]``); older ones get
     the bare tensors, and the names reach DropGrad as ``named_parameters=``.
     """
-    if isinstance(params, torch.Tensor) or isinstance(params, Mapping):
+    if isinstance(params, torch.Tensor | Mapping):
         return params, None  # let the base optimizer raise its own error
     items = list(params)
     if items and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in items):
@@ -125,8 +125,13 @@ class DropGradOptimizer(DropGrad):
         drop_rate: default drop rate (see :class:`~dropgrad.DropGrad`).
         param_drop_rates: per-parameter rates (``DropGrad``'s ``params=``): keys are
             parameters, names, dotted prefixes or globs.
-        full_update_drop, seed, rescale, model, named_parameters,
-        drop_rate_scheduler, impl: as in :class:`~dropgrad.DropGrad`.
+        full_update_drop: as in :class:`~dropgrad.DropGrad`.
+        seed: as in :class:`~dropgrad.DropGrad`.
+        rescale: as in :class:`~dropgrad.DropGrad`.
+        model: as in :class:`~dropgrad.DropGrad` (a module to take parameter names from).
+        named_parameters: as in :class:`~dropgrad.DropGrad`.
+        drop_rate_scheduler: as in :class:`~dropgrad.DropGrad`.
+        impl: as in :class:`~dropgrad.DropGrad`.
         **kwargs: keyword arguments of the base optimizer (``lr``, ``betas``, ...).
 
     Raises:
