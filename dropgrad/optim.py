@@ -39,7 +39,6 @@ from .wrapper import DropGrad
 
 __all__ = ["DROPGRAD_KWARGS", "DropGradOptimizer", "wrap"]
 
-#: The keyword arguments the class form takes for DropGrad itself (the rest go to the base optimizer).
 DROPGRAD_KWARGS = (
     "drop_rate",
     "param_drop_rates",
@@ -51,6 +50,7 @@ DROPGRAD_KWARGS = (
     "drop_rate_scheduler",
     "impl",
 )
+"""The keyword arguments the class form takes for DropGrad itself; the rest go to the base optimizer."""
 
 _TORCH_OPTIMIZERS = tuple(
     name
@@ -139,8 +139,8 @@ class DropGradOptimizer(DropGrad):
             DropGrad takes (the message names it and what is allowed).
     """
 
-    #: the torch optimizer class this class builds
     base_optimizer: type[torch.optim.Optimizer] = torch.optim.Optimizer
+    """The torch optimizer class this class builds (``torch.optim.AdamW`` for ``dropgrad.optim.AdamW``)."""
 
     def __init__(
         self,

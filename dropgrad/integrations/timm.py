@@ -41,8 +41,8 @@ from ..optim import DropGradOptimizer, wrap
 
 __all__ = ["PREFIX", "register_timm_optimizers"]
 
-#: the token that selects DropGrad in a timm optimizer name (``dropgrad_adamw``)
 PREFIX = "dropgrad"
+"""The token that selects DropGrad in a timm optimizer name (``dropgrad_adamw``)."""
 _PATCH_MARK = "_dropgrad_patched"
 
 
