@@ -25,7 +25,7 @@ resolves) and makes the registry's ``create_optimizer`` translate
 ``dropgrad_<name>`` to it. The patch is on the registry *instance* only, is
 idempotent, and changes nothing for names without the ``dropgrad`` token.
 
-Needs ``timm`` (``pip install "torch-dropgrad[timm]"``); ``import dropgrad``
+Needs ``timm`` (``pip install timm``, or ``pip install -e ".[timm]"`` in a dropgrad checkout); ``import dropgrad``
 never imports it.
 """
 
