@@ -223,7 +223,8 @@ def wrap(optimizer_class: type[torch.optim.Optimizer], **defaults: Any) -> type[
         optimizer_class: a ``torch.optim.Optimizer`` subclass.
         **defaults: default keyword arguments (DropGrad's or the base optimizer's,
             e.g. ``drop_rate=0.1``); with any, the result is a new subclass named
-            after the base (not cached, and picklable only as an instance).
+            after the base (not cached; its instances unpickle as instances of
+            ``wrap(optimizer_class)``, with the same state).
 
     Example:
         >>> AdamW = wrap(torch.optim.AdamW)

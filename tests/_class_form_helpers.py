@@ -47,7 +47,7 @@ class MaskAudit:
         params = [p for g in twin.param_groups for p in g["params"]]
         out = []
         for raw in self.raw:
-            for p, g in zip(params, raw):
+            for p, g in zip(params, raw, strict=True):
                 p.grad = None if g is None else g.clone()
             twin.step()
             out.append(grads_of(twin))
@@ -59,8 +59,8 @@ class MaskAudit:
         assert self.opt.step_count == len(self.raw)
         expected = self.wrapper_masks(rate)
         zeros = total = 0
-        for step, (raw, got, want) in enumerate(zip(self.raw, self.masked, expected)):
-            for r, g, w in zip(raw, got, want):
+        for step, (raw, got, want) in enumerate(zip(self.raw, self.masked, expected, strict=True)):
+            for r, g, w in zip(raw, got, want, strict=True):
                 assert (g is None) == (w is None)
                 if g is None:
                     continue

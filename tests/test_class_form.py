@@ -13,6 +13,7 @@ import torch
 import dropgrad
 from dropgrad import DropGrad
 from dropgrad.optim import DROPGRAD_KWARGS, DropGradOptimizer, wrap
+
 from _compat import requires_named_optimizers
 from _integration_helpers import GradRecorder, hand_masked, same, zero_share
 
@@ -66,7 +67,7 @@ def _states_equal(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -106,7 +107,7 @@ def test_masks_are_bitwise_the_wrappers_and_take_effect():
         _loss_big(model, s).backward()
         opt.step()
     shares = []
-    for s, (raw, masked) in enumerate(zip(before.seen, after.seen)):  # steps count from 0
+    for s, (raw, masked) in enumerate(zip(before.seen, after.seen, strict=True)):  # steps count from 0
         assert same(masked, hand_masked(raw, rate, SEED, s))
         shares.append(zero_share(masked))
     n = 3 * (64 * 32 + 32)

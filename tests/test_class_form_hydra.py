@@ -12,6 +12,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import dropgrad  # noqa: E402
+
 from _class_form_helpers import MaskAudit  # noqa: E402
 
 SEED, RATE, STEPS = 21, 0.35, 5

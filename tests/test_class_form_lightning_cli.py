@@ -11,6 +11,7 @@ pytest.importorskip("jsonargparse")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 import dropgrad  # noqa: E402
+
 from _class_form_helpers import MaskAudit  # noqa: E402
 
 SEED, RATE, STEPS = 9, 0.25, 4

@@ -11,6 +11,7 @@ pytest.importorskip("gymnasium")
 sb3 = pytest.importorskip("stable_baselines3")
 
 import dropgrad  # noqa: E402
+
 from _class_form_helpers import MaskAudit  # noqa: E402
 
 SEED, RATE = 13, 0.2

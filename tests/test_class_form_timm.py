@@ -20,6 +20,7 @@ if timm_optim is None:
 
 import dropgrad  # noqa: E402
 from dropgrad.integrations.timm import register_timm_optimizers  # noqa: E402
+
 from _class_form_helpers import MaskAudit  # noqa: E402
 
 SEED, RATE, STEPS = 4, 0.3, 4

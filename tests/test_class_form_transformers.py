@@ -15,6 +15,7 @@ pytest.importorskip("accelerate")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import dropgrad  # noqa: E402
+
 from _class_form_helpers import MaskAudit  # noqa: E402
 
 SEED, RATE, STEPS = 5, 0.3, 4
