@@ -27,6 +27,7 @@ them), from param groups' ``"param_names"``, or from ``model=``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -64,10 +65,10 @@ _TORCH_OPTIMIZERS = tuple(
 _REGISTRY: dict[type, type[DropGradOptimizer]] = {}
 
 
-def _base_keywords(base: type) -> tuple[set[str], bool]:
+def _base_keywords(base: type[torch.optim.Optimizer]) -> tuple[set[str], bool]:
     """The keyword names ``base.__init__`` takes after ``params``, and whether it takes ``**kwargs``."""
     try:
-        signature = inspect.signature(vars(base).get("__init__") or base.__init__)  # type: ignore[misc]
+        signature = inspect.signature(base.__init__)
     except (TypeError, ValueError):  # a C-level or otherwise opaque __init__: trust the caller
         return set(), True
     names: set[str] = set()
@@ -99,17 +100,14 @@ def _split_names(params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]] | Non
     return items, None
 
 
-_TAKES_NAMES: list[bool] = []
-
-
+@functools.cache
 def _optimizers_take_names() -> bool:
-    if not _TAKES_NAMES:
-        try:
-            torch.optim.SGD([("w", torch.nn.Parameter(torch.zeros(1)))], lr=0.1)
-            _TAKES_NAMES.append(True)
-        except TypeError:
-            _TAKES_NAMES.append(False)
-    return _TAKES_NAMES[0]
+    """Whether this torch's optimizers accept ``(name, parameter)`` pairs (torch >= 2.6)."""
+    try:
+        torch.optim.SGD([("w", torch.nn.Parameter(torch.zeros(1)))], lr=0.1)
+    except TypeError:
+        return False
+    return True
 
 
 class DropGradOptimizer(DropGrad):
