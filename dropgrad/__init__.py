@@ -32,3 +32,9 @@ __version__ = "0.1.0"
 
 __all__ = ["DropGrad", "drop_grad_", "functional", "masks", "schedules", "__version__"]
 __all__ += schedules.__all__
+
+# the class form (dropgrad.optim.AdamW, ..., dropgrad.wrap): optimizers built as cls(params, **kwargs)
+from . import optim  # noqa: E402
+from .optim import wrap  # noqa: E402
+
+__all__ += ["optim", "wrap"]

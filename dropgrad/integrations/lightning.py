@@ -3,7 +3,7 @@
 >>> from dropgrad.integrations.lightning import DropGradCallback  # doctest: +SKIP
 >>> trainer = lightning.Trainer(callbacks=[DropGradCallback(drop_rate=0.1, seed=0)])  # doctest: +SKIP
 
-Requires ``lightning`` (``pip install dropgrad[lightning]``); ``pytorch_lightning``
+Requires ``lightning`` (``pip install lightning``, or ``pip install -e ".[lightning]"`` in a dropgrad checkout); ``pytorch_lightning``
 works too. ``import dropgrad`` never imports this module.
 """
 
@@ -19,8 +19,8 @@ except ImportError:  # the standalone package name
         from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
     except ImportError as exc:
         raise ImportError(
-            "dropgrad.integrations.lightning needs Lightning: pip install 'dropgrad[lightning]' "
-            "(or pip install lightning)"
+            "dropgrad.integrations.lightning needs Lightning: pip install lightning "
+            "(or, in a dropgrad checkout, pip install -e '.[lightning]')"
         ) from exc
 
 from ._hook import DropGradHook, base_optimizer

@@ -4,7 +4,7 @@
 >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
 ...                   callbacks=[DropGradTrainerCallback(drop_rate=0.1, seed=0)])  # doctest: +SKIP
 
-Requires ``transformers`` (``pip install dropgrad[transformers]``). ``import dropgrad``
+Requires ``transformers`` (``pip install transformers accelerate``, or ``pip install -e ".[transformers]"`` in a dropgrad checkout). ``import dropgrad``
 never imports this module.
 """
 
@@ -18,7 +18,7 @@ try:
 except ImportError as exc:
     raise ImportError(
         "dropgrad.integrations.transformers needs Hugging Face transformers: "
-        "pip install 'dropgrad[transformers]' (or pip install transformers accelerate)"
+        "pip install transformers accelerate (or, in a dropgrad checkout, pip install -e '.[transformers]')"
     ) from exc
 
 from ._hook import DropGradHook
