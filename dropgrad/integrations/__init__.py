@@ -10,6 +10,6 @@ Each framework submodule imports its framework; this package imports neither, so
 ``import dropgrad`` (and ``import dropgrad.integrations``) stays free of them.
 """
 
-from ._hook import DropGradHook, base_optimizer
+from .hook import DropGradHook, base_optimizer
 
 __all__ = ["DropGradHook", "base_optimizer"]

@@ -23,7 +23,7 @@ except ImportError:  # the standalone package name
             "(or, in a dropgrad checkout, pip install -e '.[lightning]')"
         ) from exc
 
-from ._hook import DropGradHook, base_optimizer
+from .hook import DropGradHook, base_optimizer
 
 __all__ = ["DropGradCallback"]
 

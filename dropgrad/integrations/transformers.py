@@ -21,7 +21,7 @@ except ImportError as exc:
         "pip install transformers accelerate (or, in a dropgrad checkout, pip install -e '.[transformers]')"
     ) from exc
 
-from ._hook import DropGradHook
+from .hook import DropGradHook
 
 __all__ = ["DropGradTrainerCallback"]
 
