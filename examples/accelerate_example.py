@@ -60,7 +60,7 @@ def main() -> None:
                 sched.step()
                 opt.zero_grad()
         stats = hook.stats() if hook is not None else opt.optimizer.stats()
-        accelerator.print(f"epoch {epoch}: loss {loss.item():.4f}, DropGrad step {stats['step']}, "
+        accelerator.print(f"epoch {epoch}: loss {loss.item():.4f}, DropGrad step {stats['last_step']}, "
                           f"skipped last step: {stats['skipped']}, rate {stats['drop_rate']}")
     accelerator.save_state(args.state_dir)  # DropGrad's state: in the optimizer's, or the registered hook's
     accelerator.print(f"saved to {args.state_dir}")
