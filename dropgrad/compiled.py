@@ -30,7 +30,10 @@ _handles = itertools.count(1)
 def register(callback: Callable[[list[torch.Tensor], list[int]], None]) -> int:
     """Register a bound method ``callback(grads, indices)`` (held weakly); returns its handle for the op."""
     handle = next(_handles)
-    _callbacks[handle] = weakref.WeakMethod(callback, lambda _ref, h=handle: _callbacks.pop(h, None))
+    def forget(_ref: object, h: int = handle) -> None:
+        _callbacks.pop(h, None)
+
+    _callbacks[handle] = weakref.WeakMethod(callback, forget)
     return handle
 
 
@@ -45,18 +48,18 @@ def _call(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
 #: whether this torch has ``torch.library.custom_op`` (2.4+); without it a compiled step graph-breaks
 SUPPORTED = hasattr(torch.library, "custom_op")
 
+
+def _mask_step(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+    """Mask ``grads`` (those of parameters ``indices``) for the coming step of DropGrad ``handle``, in place."""
+    _call(grads, handle, indices)
+
+
+def _mask_step_fake(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
+    return None
+
+
+mask_step_: Callable[[list[torch.Tensor], int, list[int]], None] = _mask_step
 if SUPPORTED:
-
-    @torch.library.custom_op("dropgrad::mask_step_", mutates_args=("grads",))
-    def mask_step_(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
-        """Mask ``grads`` (those of parameters ``indices``) for the coming step of DropGrad ``handle``, in place."""
-        _call(grads, handle, indices)
-
-    @mask_step_.register_fake
-    def _mask_step_fake(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
-        return None
-
-else:  # pragma: no cover - torch < 2.4 is not supported by the package
-
-    def mask_step_(grads: list[torch.Tensor], handle: int, indices: list[int]) -> None:
-        _call(grads, handle, indices)
+    _op = torch.library.custom_op("dropgrad::mask_step_", mutates_args=("grads",))(_mask_step)
+    _op.register_fake(_mask_step_fake)
+    mask_step_ = _op

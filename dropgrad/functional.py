@@ -42,7 +42,7 @@ def check_impl(impl: object, name: str = "impl") -> str | None:
     """Validate a kernel choice (one of :data:`IMPLS`)."""
     if impl not in IMPLS:
         raise ValueError(f"{name} must be None, 'reference' or 'fused', got {impl!r}")
-    return impl  # type: ignore[return-value]
+    return impl  # type: ignore[return-value,unused-ignore]
 
 
 def _check_lists(grads, indices, thresholds, scales, offsets) -> None:
@@ -135,16 +135,15 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
     on_cuda = any(map(_get_is_cuda, grads))
     if on_cuda:
         cuda.refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
-    args = (prefix, stream)
     if impl == "reference":
-        reference.mask_(grads, indices, thresholds, scales, offsets, *args)
+        reference.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         return
     if not on_cuda and max(offsets) <= MAX_OFFSET - max(numels) and servable(grads, "cpu"):
         # the common case: every tensor a plain CPU tensor, one C call
         if cpu.ready() or (impl == "fused" and _fused_cpu_or_raise()):
-            cpu.mask_(grads, indices, thresholds, scales, offsets, *args)
+            cpu.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         else:
-            reference.mask_(grads, indices, thresholds, scales, offsets, *args)
+            reference.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         return
     groups: dict[str, list[int]] = {"cpu": [], "cuda": [], "reference": []}
     has_cpu = any(g.device.type == "cpu" for g in grads)  # only then may the C kernel be built
@@ -167,7 +166,8 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
     for name, members in groups.items():
         if members:
             kernel = {"cpu": cpu.mask_, "cuda": cuda.mask_, "reference": reference.mask_}[name]
-            kernel(*([xs[j] for j in members] for xs in (grads, indices, thresholds, scales, offsets)), *args)
+            kernel([grads[j] for j in members], [indices[j] for j in members], [thresholds[j] for j in members],
+                   [scales[j] for j in members], [offsets[j] for j in members], prefix, stream)
 
 
 def _fused_cpu_or_raise() -> bool:

@@ -58,7 +58,7 @@ def check_rate(value: object, name: str = "drop_rate") -> float:
         )
     return value
 
-Rate = Union[float, Callable[[int], float], Any]
+Rate = Union[float, Callable[[int], float], Any]  # noqa: UP007 - a runtime alias (Python 3.9 syntax)
 
 _GLOB_CHARS = set("*?[")
 
@@ -95,7 +95,8 @@ def evaluate_rate(value: Rate | None, step: int, cache: dict[int, float], source
     if key in cache:
         return cache[key]
     if is_schedule(value):
-        rate = check_rate(value.get_drop_rate(), f"{source} (schedule {value!r} at step {step})")
+        sched: Any = value
+        rate = check_rate(sched.get_drop_rate(), f"{source} (schedule {value!r} at step {step})")
     elif callable(value) and not isinstance(value, torch.Tensor):
         rate = check_rate(value(step), f"{source} (callable {value!r} at step {step})")
     else:  # a number (or anything else) put into a param group after construction

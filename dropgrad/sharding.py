@@ -65,7 +65,9 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
     except ImportError:  # torch 2.4
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+        from torch.distributed._tensor._utils import (  # type: ignore[import-not-found,no-redef,unused-ignore]  # noqa: PLC0415
+            compute_local_shape_and_global_offset,
+        )
 
     local = grad._local_tensor
     full_shape = tuple(grad.shape)

@@ -20,9 +20,12 @@ from .kernels.common import M64, TWO32
 __all__ = ["keep_bits", "count_kept", "derive_key_words"]
 
 
+_declared: set[ctypes.CDLL] = set()
+
+
 def _lib() -> ctypes.CDLL:
     lib = cpu.load_library(testing=True)
-    if not getattr(lib, "_dropgrad_declared", False):
+    if lib not in _declared:
         p, u64 = ctypes.c_void_p, ctypes.c_uint64
         lib.dropgrad_derive_keys.argtypes = [ctypes.c_int64, u64, u64, p, p]
         lib.dropgrad_derive_keys.restype = None
@@ -30,7 +33,7 @@ def _lib() -> ctypes.CDLL:
         lib.dropgrad_keep_bits.restype = None
         lib.dropgrad_count_below4.argtypes = [ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, u64, p, p, ctypes.c_int]
         lib.dropgrad_count_below4.restype = None
-        lib._dropgrad_declared = True
+        _declared.add(lib)
     return lib
 
 

@@ -13,6 +13,7 @@ import torch
 
 from . import compiled
 from . import masks as _masks
+from .agreement import agree_seed_if_distributed
 from .functional import apply_masks_, check_impl
 from .kernels import cpu as _cpu_kernel
 from .rates import (
@@ -25,7 +26,6 @@ from .rates import (
     resolve_param_rates,
     validate_rate,
 )
-from .agreement import agree_seed_if_distributed
 from .sharding import local_shards, zero_owned_param_ids
 
 __all__ = ["DropGrad"]

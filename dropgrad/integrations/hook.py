@@ -168,7 +168,7 @@ class DropGradHook:
     def stats(self, slot: int = 0, exact: bool = False) -> dict[str, Any]:
         """:meth:`DropGrad.stats` of the last step, plus ``skipped_steps`` (the running count)."""
         dg = self._wrappers.get(slot)
-        out = dg.stats(exact=exact) if dg is not None else {"last_step": None, "skipped": False}
+        out: dict[str, Any] = dg.stats(exact=exact) if dg is not None else {"last_step": None, "skipped": False}
         out["skipped_steps"] = self.skipped_steps.get(slot, 0)
         return out
 

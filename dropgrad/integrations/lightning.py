@@ -16,7 +16,7 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package name
     try:
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment,unused-ignore]
     except ImportError as exc:
         raise ImportError(
             "dropgrad.integrations.lightning needs Lightning: pip install lightning "

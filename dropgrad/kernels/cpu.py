@@ -33,6 +33,7 @@ compiler into a private cache directory and loaded through :mod:`ctypes`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import operator
@@ -285,10 +286,8 @@ def _load_or_compile(cc: str, flags: list[str], path: Path, errors: list[str], i
                 raise OSError("ABI version mismatch")
         except (OSError, AttributeError) as exc:
             errors.append(f"loading {path}: {exc}")
-            try:
+            with contextlib.suppress(OSError):
                 path.unlink()
-            except OSError:
-                pass
             continue
         _declare(lib)
         info.update(

@@ -115,7 +115,7 @@ class _Launch:
         for r, c in enumerate(counts):  # program -> row
             chunk_map.extend(array("q", [r]) * c)
         host = torch.frombuffer(rows + chunk_map, dtype=torch.int64)
-        if device.type == "cuda":
+        if device.type == "cuda":  # noqa: SIM108 - each branch explained below
             # pinned and non-blocking: no host-device synchronization; torch's caching host
             # allocator keeps the pinned block until the copy is done
             buf = host.pin_memory().to(device, non_blocking=True)

@@ -58,7 +58,7 @@ def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream
         thr = tl.load(row + 4)  # int64 in [0, 2**32]: 2**32 keeps every element
         bits = tl.load(row + 5)
     off = tl.load(row + 6)
-    if WIDE:  # float64: the factor is the double itself
+    if WIDE:  # noqa: SIM108 - float64: the factor is the double itself (constexpr branches, not a ternary)
         fk = bits.to(tl.float64, bitcast=True)
     else:  # float32/float16/bfloat16: torch multiplies in float32 (bits: the float32 pattern)
         fk = bits.to(tl.uint32).to(tl.float32, bitcast=True)
@@ -84,7 +84,7 @@ def _masks_kernel(table_ptr, chunks_ptr, prefix_lo, prefix_hi, stream_lo, stream
         x = tl.load(ptr + i, mask=inside)
         if WIDE:
             y = x * tl.where(keep, fk, f0)
-        elif OUT_DTYPE == tl.bfloat16:
+        elif OUT_DTYPE == tl.bfloat16:  # noqa: SIM300 - a constexpr comparison Triton resolves at compile time
             # widen and round to nearest even on the bits, as the hardware does (Triton's
             # CPU interpreter truncates and mishandles subnormals); NaN: the hardware's own
             x32 = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
