@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import checkpoint as _checkpoint
 from . import compiled
 from . import masks as _masks
 from .agreement import agree_seed_if_distributed
@@ -175,6 +176,9 @@ class DropGrad(torch.optim.Optimizer):
         if params is not None:
             names = collect_param_names(self.param_groups, model, named_parameters)
             self._param_rates = resolve_param_rates(params, flat, names)
+        elif model is not None or named_parameters is not None:
+            # validated even when params= does not use them
+            collect_param_names(self.param_groups, model, named_parameters)
         self._handle = compiled.register(self._mask_compiled_step)
         if any(p.device.type == "cpu" for p in flat):
             _cpu_kernel.start_build()  # off the first step's critical path; a CUDA-only model never builds it
@@ -251,6 +255,35 @@ class DropGrad(torch.optim.Optimizer):
     @drop_rate.setter
     def drop_rate(self, value: Rate | None) -> None:
         self._drop_rate = validate_rate(value, "drop_rate", allow_none=True)
+
+    @property
+    def rescale(self) -> bool:
+        """Multiply survivors by ``1/(1-p)`` (a bool)."""
+        return self._rescale
+
+    @rescale.setter
+    def rescale(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"rescale must be a bool, got {value!r}")
+        self._rescale = value
+
+    @property
+    def impl(self) -> str | None:
+        """Mask kernel: ``None`` (fastest available), ``"reference"`` or ``"fused"``."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str | None) -> None:
+        self._impl = check_impl(value)
+
+    @property
+    def seed(self) -> int:
+        """Seed of the masks (an int; used modulo 2**64)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = _masks.check_seed(value, "seed")
 
     @property
     def full_update_drop(self) -> Rate | bool:
@@ -645,7 +678,20 @@ class DropGrad(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (or from the bare optimizer, with a warning)."""
+        """Load a state dict from :meth:`state_dict` (or from the bare optimizer, with a warning).
+
+        Everything is validated before anything is assigned: a rejected load
+        (``TypeError``/``ValueError`` naming the key) leaves the optimizer as it was.
+
+        What wins on resume: the checkpoint, for every value it records (seed,
+        step, ``rescale``, ``drop_rate``, ``full_update_drop``, per-parameter and
+        param group rates), as ``torch.optim`` does for ``lr``; a ``UserWarning``
+        names each constructor setting it replaces with a different value.
+        Schedules and callables are saved as markers: the live object of the same
+        kind at the same place is kept and its saved position loaded; a marker
+        with no such live object, or a live schedule with no saved position, is
+        an error.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -653,15 +699,15 @@ class DropGrad(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         ours = state_dict.get(_STATE_KEY)
-        if ours is not None:
-            self._check_state(ours)
-        live_group_rates = [g.get("drop_rate") for g in self.param_groups]
+        group_rates = _checkpoint.check_group_rates(self, state_dict.get("param_groups"))
+        plan = _checkpoint.plan_load(self, ours, group_rates) if ours is not None else None
         inner = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        # torch checks groups and sizes before it assigns anything
         self.optimizer.load_state_dict(inner)
-        for i, (group, live) in enumerate(zip(self.param_groups, live_group_rates)):
-            if "drop_rate" in group:
-                group["drop_rate"] = self._restore_rate(group["drop_rate"], live, f"param_groups[{i}]['drop_rate']")
-        if ours is None:
+        if plan is None:
+            for group, (has, rate) in zip(self.param_groups, group_rates):
+                if has:
+                    group["drop_rate"] = rate
             warnings.warn(
                 "state_dict has no DropGrad state (saved from the bare optimizer?): the wrapped optimizer's "
                 "state was loaded; DropGrad's step count starts at 0 with its current seed and rates",
@@ -669,54 +715,29 @@ class DropGrad(torch.optim.Optimizer):
                 stacklevel=2,
             )
         else:
-            self._load_own_state(ours)
+            _checkpoint.apply_plan(self, plan, stacklevel=4)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def dropgrad_state(self) -> dict[str, Any]:
+        """DropGrad's own part of :meth:`state_dict` (seed, step count, rates, schedule positions)."""
+        return self._dropgrad_state()
+
+    def load_dropgrad_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`dropgrad_state` (validated first; a rejected state changes nothing)."""
+        self._load_own_state(state)
+
     def _load_own_state(self, ours: Mapping[str, Any]) -> None:
-        """Restore DropGrad's own part of a state dict (also used by the framework callbacks)."""
-        self.seed = int(ours["seed"])
-        # missing (an older checkpoint): agree again at the next step, a no-op if ranks already agree
-        self._seed_agreed = bool(ours.get("seed_agreed", False))
-        self._step_count = int(ours["step"])
-        self.last_step_skipped = bool(ours["last_step_skipped"])
-        self.rescale = bool(ours["rescale"])
-        self._drop_rate = self._restore_rate(ours["drop_rate"], self._drop_rate, "drop_rate", allow_none=True)
-        if ours["full_update_drop"] == "drop_rate":
-            self._full_update_drop = "drop_rate"
-        else:
-            live = None if self._full_update_drop == "drop_rate" else self._full_update_drop
-            self._full_update_drop = self._restore_rate(ours["full_update_drop"], live, "full_update_drop")
-        self._param_rates = {
-            int(j): self._restore_rate(r, self._param_rates.get(int(j)), f"params rate of parameter {j}")
-            for j, r in ours["param_rates"].items()
-        }
-        saved = ours["schedules"]
-        for name, sched in self._schedules():
-            if name in saved:
-                sched.load_state_dict(saved[name])
+        """Validate, then restore, DropGrad's own part of a state dict (also used by the framework callbacks).
+
+        Nothing is assigned unless every field is valid (see :mod:`dropgrad.checkpoint`).
+        """
+        _checkpoint.apply_plan(self, _checkpoint.plan_load(self, ours), stacklevel=3)
 
     def _check_state(self, ours: Any) -> None:
-        required = {"format", "seed", "step", "last_step_skipped", "rescale", "drop_rate", "full_update_drop",
-                    "param_rates", "schedules"}
-        if not isinstance(ours, Mapping) or not required <= set(ours):
-            missing = sorted(required - set(ours)) if isinstance(ours, Mapping) else sorted(required)
-            raise ValueError(f"state_dict['{_STATE_KEY}'] is not a DropGrad state (missing {missing})")
-        if ours["format"] > _STATE_FORMAT:
-            raise ValueError(
-                f"state_dict['{_STATE_KEY}'] has format {ours['format']}, newer than this dropgrad "
-                f"understands ({_STATE_FORMAT}); upgrade dropgrad"
-            )
+        """Raise if ``ours`` is not a valid DropGrad state for this optimizer; assigns nothing."""
+        _checkpoint.plan_load(self, ours)
 
     @staticmethod
     def _restore_rate(saved: Any, live: Any, name: str, allow_none: bool = False) -> Any:
-        if is_live_marker(saved):
-            if live is None or isinstance(live, float) or is_live_marker(live):
-                raise ValueError(
-                    f"the checkpoint's {name} was a schedule/callable ({saved}); pass the same schedule "
-                    f"when building DropGrad before loading (the live one is {live!r})"
-                )
-            return live
-        if saved is None and not allow_none:
-            return None
-        return validate_rate(saved, name, allow_none=True)
+        return _checkpoint.restore_rate(saved, live, name, allow_none=True)

@@ -134,9 +134,9 @@ class DropGradHook:
         )
         new.set_seed(new.seed, agreed=self._seed_given)
         if dg is not None:  # the framework rebuilt its optimizer: keep our clock and seed
-            new._load_own_state(dg._dropgrad_state())
+            new.load_dropgrad_state(dg.dropgrad_state())
         elif slot in self._pending:
-            new._load_own_state(self._pending.pop(slot))
+            new.load_dropgrad_state(self._pending.pop(slot))
         self._wrappers[slot] = new
         return new
 
@@ -176,7 +176,7 @@ class DropGradHook:
         """Plain values only (JSON- and ``torch.load(weights_only=True)``-safe)."""
         slots: dict[str, Any] = {}
         for slot in sorted(set(self._wrappers) | set(self._pending)):
-            own = self._wrappers[slot]._dropgrad_state() if slot in self._wrappers else self._pending[slot]
+            own = self._wrappers[slot].dropgrad_state() if slot in self._wrappers else self._pending[slot]
             own = {**own, "param_rates": {str(k): v for k, v in own["param_rates"].items()}}
             slots[str(slot)] = {"dropgrad": own, "skipped_steps": self.skipped_steps.get(slot, 0)}
         return {"format": _FORMAT, "seed": self.seed, "seed_given": self._seed_given, "slots": slots}
