@@ -160,7 +160,7 @@ def plan_load(opt: Any, ours: Any, group_rates: list[tuple[bool, Any]] | None = 
     fmt = ours["format"]
     if isinstance(fmt, bool) or not isinstance(fmt, numbers.Integral):
         raise TypeError(f"{_key('format')} must be an int, got {fmt!r}")
-    if fmt > STATE_FORMAT:
+    if int(fmt) > STATE_FORMAT:
         raise ValueError(
             f"{_key('format')} is {fmt}, newer than this dropgrad understands ({STATE_FORMAT}); upgrade dropgrad"
         )
@@ -190,7 +190,7 @@ def plan_load(opt: Any, ours: Any, group_rates: list[tuple[bool, Any]] | None = 
     n_params = len(opt._flat_params())
     param_rates: dict[int, Any] = {}
     for j, r in saved_rates.items():
-        if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < n_params:
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= int(j) < n_params:
             raise ValueError(
                 f"{_key('param_rates')} has key {j!r}; keys must be parameter indices in [0, {n_params})"
             )

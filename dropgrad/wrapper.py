@@ -7,7 +7,7 @@ import operator
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -196,7 +196,7 @@ class DropGrad(torch.optim.Optimizer):
     # built on either object changes the same dicts, and load_state_dict on the
     # wrapped optimizer (which replaces its lists) never leaves us stale.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -204,7 +204,7 @@ class DropGrad(torch.optim.Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self):  # type: ignore[override]
+    def state(self):
         return self.optimizer.state
 
     @state.setter
@@ -212,7 +212,7 @@ class DropGrad(torch.optim.Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -425,7 +425,8 @@ class DropGrad(torch.optim.Optimizer):
         thresholds, scales = self._rate_tables(rates)
         if owned is None and not self._premasked and set(map(type, grads)) == _PLAIN and not any(map(_is_sparse, grads)):
             # the common case, list-wide: the dispatcher picks the kernel once for the whole step
-            apply_masks_(grads, indices, thresholds, scales, None, prefix=prefix, stream=stream, impl=self.impl)
+            apply_masks_(cast("list[torch.Tensor]", grads), indices, thresholds, scales, None,
+                         prefix=prefix, stream=stream, impl=self.impl)
             return
         pieces, piece_indices, piece_thresholds, piece_scales, offsets = [], [], [], [], []
         for index, p, g, thr, scale in zip(indices, params, grads, thresholds, scales):
@@ -503,7 +504,7 @@ class DropGrad(torch.optim.Optimizer):
                     sizes.append((index, g._values().numel() if g.is_sparse else p.numel(), rate))
         self._last_step_record = (self._step_count, skip, self._pending_default, sizes)
         # nothing of the step lingers: pickling itertools.count goes away in Python 3.14
-        self._pending_plan = self._pending_evaluations = None
+        self._pending_plan = self._pending_evaluations = None  # type: ignore[assignment]
         if skip and hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
             # an LR scheduler built on the wrapped optimizer tracks its step calls;
             # a deliberate skip is still a step, so don't let it warn about order
@@ -529,14 +530,14 @@ class DropGrad(torch.optim.Optimizer):
             raise RuntimeError("full_update_drop was turned on under a compiled step; recompile (torch._dynamo.reset())")
         position = {j: k for k, (j, _, _) in enumerate(self._pending_plan)}
         plan = [self._pending_plan[position[j]] for j in indices]
-        self._mask_gradients(plan, 0, list(grads))
+        self._mask_gradients(plan, 0, list[torch.Tensor | None](grads))
         self._end_step(False)
 
     def _compilable(self) -> bool:
         # what the custom op path serves; read by traced code, so each is a guard, not per-step work
         return self._full_update_drop == 0.0 and not self._premasked and compiled.SUPPORTED
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Mask the gradients, then step the wrapped optimizer (or skip the step).
 
         With a closure, the gradients each closure evaluation produces are masked
@@ -551,7 +552,7 @@ class DropGrad(torch.optim.Optimizer):
         if closure is None and torch.compiler.is_compiling() and self._compilable():
             params = self._flat_params()
             indices = [j for j, p in enumerate(params) if p.grad is not None]
-            grads = [params[j].grad for j in indices]
+            grads = cast("list[torch.Tensor]", [params[j].grad for j in indices])
             if all(type(g) is torch.Tensor and not g.is_sparse for g in grads):
                 compiled.mask_step_(grads, self._handle, indices)
                 return self.optimizer.step()
@@ -670,8 +671,8 @@ class DropGrad(torch.optim.Optimizer):
             ],
             _STATE_KEY: self._dropgrad_state(),
         }
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state_dict)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
@@ -716,8 +717,8 @@ class DropGrad(torch.optim.Optimizer):
             )
         else:
             _checkpoint.apply_plan(self, plan, stacklevel=4)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            load_post_hook(self)
 
     def dropgrad_state(self) -> dict[str, Any]:
         """DropGrad's own part of :meth:`state_dict` (seed, step count, rates, schedule positions)."""
