@@ -594,10 +594,10 @@ class DropGrad(torch.optim.Optimizer):
                 "state_dict has no DropGrad state (saved from the bare optimizer?): the wrapped optimizer's "
                 "state was loaded; DropGrad's step count starts at 0 with its current seed and rates",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4  # past torch's _disable_dynamo frames,
             )
         else:
-            _checkpoint.apply_plan(self, plan, stacklevel=4)
+            _checkpoint.apply_plan(self, plan, stacklevel=5)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
