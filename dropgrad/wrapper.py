@@ -518,7 +518,7 @@ class DropGrad(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def _dropgrad_state(self) -> dict[str, Any]:
         return {
-            "format": _STATE_FORMAT,
+            "format": _checkpoint.STATE_FORMAT,
             "seed": self.seed,
             "seed_agreed": self._seed_agreed,
             "step": self._step_count,
