@@ -32,7 +32,7 @@ import torch
 from .masks import check_seed
 from .rates import encode_rate, is_live_marker, is_schedule, validate_rate
 
-__all__ = ["STATE_KEY", "STATE_FORMAT", "plan_load", "apply_plan", "LoadPlan"]
+__all__ = ["STATE_FORMAT", "STATE_KEY", "LoadPlan", "apply_plan", "plan_load"]
 
 STATE_KEY = "dropgrad"
 STATE_FORMAT = 1
@@ -83,7 +83,7 @@ def restore_rate(saved: Any, live: Any, name: str, allow_none: bool = True) -> A
                 f"schedule/callable of the same kind there before loading (the live one is {live!r})"
             )
         return live
-    if isinstance(saved, str) or isinstance(saved, bool):
+    if isinstance(saved, (str, bool)):
         raise TypeError(f"{name} must be a number in [0, 1], None or a schedule marker, got {saved!r}")
     if saved is None:
         if not allow_none:

@@ -22,7 +22,6 @@ from .rates import (
     collect_param_names,
     encode_rate,
     evaluate_rate,
-    is_live_marker,
     is_schedule,
     resolve_param_rates,
     validate_rate,
@@ -230,6 +229,9 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
+        for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
+            if old in self.__dict__:
+                self.__dict__["_" + old] = self.__dict__.pop(old)
         self._handle = compiled.register(self._mask_compiled_step)
         self._init_hook_dicts()
         self._patch_step_function()
@@ -637,7 +639,7 @@ class DropGrad(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def _dropgrad_state(self) -> dict[str, Any]:
         return {
-            "format": _STATE_FORMAT,
+            "format": _checkpoint.STATE_FORMAT,
             "seed": self.seed,
             "seed_agreed": self._seed_agreed,
             "step": self._step_count,
@@ -713,10 +715,10 @@ class DropGrad(torch.optim.Optimizer):
                 "state_dict has no DropGrad state (saved from the bare optimizer?): the wrapped optimizer's "
                 "state was loaded; DropGrad's step count starts at 0 with its current seed and rates",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4  # past torch's _disable_dynamo frames,
             )
         else:
-            _checkpoint.apply_plan(self, plan, stacklevel=4)
+            _checkpoint.apply_plan(self, plan, stacklevel=5)
         for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
             load_post_hook(self)
 

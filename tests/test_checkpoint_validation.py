@@ -26,7 +26,7 @@ def _train(opt, model, steps=2):
 
 def _snapshot(opt):
     sd = opt.state_dict()
-    return copy.deepcopy(sd), [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
+    return copy.deepcopy(sd), [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
 def _assert_same(a, b):
