@@ -39,7 +39,7 @@ IMPLS = (None, "reference", "fused")
 
 
 def check_impl(impl: object, name: str = "impl") -> str | None:
-    """Validate a kernel choice (one of :data:`IMPLS`)."""
+    """Validate a kernel choice (one of ``IMPLS``)."""
     if impl not in IMPLS:
         raise ValueError(f"{name} must be None, 'reference' or 'fused', got {impl!r}")
     return impl  # type: ignore[return-value,unused-ignore]

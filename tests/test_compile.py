@@ -62,7 +62,7 @@ def test_compiled_step_masks_like_eager_and_compiles_once(schedule):
     got, opt, breaks, graphs_early, graphs_late = _run("compiled", schedule)
     bare, _, _, _, _ = _run("bare")
     for a, b, c in zip(got, eager, bare):
-        for x, y, z in zip(a, b, c):
+        for x, y in zip(a, b):
             # the same masks: equal to the eager DropGrad run up to the compiled AdamW's rounding,
             # and far from the compiled run without DropGrad
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -72,7 +72,7 @@ def mask_(
     Element ``i`` (row-major logical order) of ``grads[j]`` is kept iff
     ``hash32(key_from_prefix(prefix, indices[j], stream), offsets[j] + i) < thresholds[j]``
     and then multiplied by ``scales[j]``; dropped elements are multiplied by zero.
-    Peak extra memory is bounded (about 40 bytes times :data:`CHUNK`) whatever the
+    Peak extra memory is bounded (about 40 bytes times ``CHUNK``) whatever the
     tensors' sizes and layouts.
     """
     for g, index, thr, scale, off in zip(grads, indices, thresholds, scales, offsets):
