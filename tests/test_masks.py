@@ -86,3 +86,34 @@ def test_survivor_scale_is_the_inverse_keep_probability():
         scale = masks.survivor_scale(thr)
         assert (thr / 2**32) * scale == pytest.approx(1.0 if thr else 0.0, rel=1e-15)
     assert masks.survivor_scale(masks.keep_threshold(0.3), rescale=False) == 1.0
+
+
+def test_reference_kernel_never_hashes_more_than_a_chunk_at_once(monkeypatch):
+    # bounded extra memory for any layout: every keep mask the kernel draws has at most CHUNK
+    # elements (its int64 temporaries are ~40 bytes an element), also for transposed gradients
+    monkeypatch.setattr(reference, "CHUNK", 100)
+    sizes = []
+    real = masks.keep_mask
+
+    def spy(numel, *args, **kwargs):
+        sizes.append(numel)
+        return real(numel, *args, **kwargs)
+
+    monkeypatch.setattr(masks, "keep_mask", spy)
+    for g in (torch.randn(40, 70).t(), torch.randn(3, 50, 9).permute(2, 0, 1), torch.randn(5000)[::3]):
+        want = g.contiguous()
+        reference.mask_([want], [0], [masks.keep_threshold(0.5)], [2.0], [0], 7, 0)
+        sizes.clear()
+        got = torch.empty_strided(g.shape, g.stride()).copy_(g) if g.dim() > 1 else g.clone()[::1]
+        reference.mask_([got], [0], [masks.keep_threshold(0.5)], [2.0], [0], 7, 0)
+        assert sizes and max(sizes) <= 100 and sum(sizes) == g.numel()
+        assert torch.equal(got.contiguous(), want)
+
+
+def test_the_same_tensor_twice_is_refused():
+    from dropgrad import drop_grad_
+
+    g = torch.ones(10)
+    with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] are the same memory"):
+        drop_grad_([g, g], 0.5, seed=0)
+    assert torch.equal(g, torch.ones(10))  # nothing was masked
