@@ -56,10 +56,10 @@ def _train(mode, save_dir=None, load_dir=None, split=4):
     given = GradRecorder(opt, when="pre") if mode == "wrapper" else None
     seen = GradRecorder(inner)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
-    before_prepare = opt._dropgrad_state() if mode == "wrapper" else None
+    before_prepare = opt.dropgrad_state() if mode == "wrapper" else None
     model, popt, loader, psched = accelerator.prepare(model, opt, _loader(), sched)
     if mode == "wrapper":
-        assert popt.optimizer is opt and opt._dropgrad_state() == before_prepare  # prepare's round trip
+        assert popt.optimizer is opt and opt.dropgrad_state() == before_prepare  # prepare's round trip
     if hook is not None:
         accelerator.register_for_checkpointing(hook)  # save_state/load_state carry the hook's state
     if load_dir is not None:
@@ -106,10 +106,10 @@ def test_flags_survive_prepare_and_save_load_state_continues(tmp_path):
     opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-2), drop_rate=RATE, full_update_drop=1.0)
     F.mse_loss(model(torch.randn(2, 8)), torch.randn(2, 3)).backward()
     opt.step()
-    state = opt._dropgrad_state()
+    state = opt.dropgrad_state()
     assert state["last_step_skipped"] and state["step"] == 1 and state["seed_agreed"] is False
     accelerator.prepare(opt)
-    assert opt._dropgrad_state() == state
+    assert opt.dropgrad_state() == state
 
     full, *_ = _train("wrapper", save_dir=tmp_path / "ckpt")
     resumed, opt, *_ = _train("wrapper", load_dir=tmp_path / "ckpt")
