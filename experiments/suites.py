@@ -143,6 +143,63 @@ def ablations() -> list[RunConfig]:
     return runs
 
 
+# ------------------------------------------------------------------ overfitting regimes (issue 15, item 1-2)
+
+OVERFIT_SEEDS = 10
+OVERFIT_RATES = (0.1, 0.3, 0.5)
+# 784-512-512-10 MLP, Adam 1e-3, batch 64, clean 5,000-image validation split; epochs long
+# enough that 1k images are memorized (train acc 100% by epoch ~45 at 40% noise). The 5k
+# runs are cut at 40 epochs to fit one CPU core (train acc ~92% at 40% noise then; the
+# best-validation epoch is ~6, long before the cut).
+OVERFIT_1K = RunConfig(
+    suite="overfit", task="fashion_mnist", model="mlp", hidden=512, layers=2, lr=1e-3, batch_size=64,
+    train_subset=1000, epochs=50, test_every_epoch=False,
+)
+OVERFIT_5K = OVERFIT_1K.replace(train_subset=5000, epochs=40)
+
+
+def overfit_settings(rates: tuple[float, ...] = OVERFIT_RATES) -> dict[str, dict]:
+    """Baseline, DropGrad at each rate with both controls at that rate, dropout 0.2, AdamW wd 0.1."""
+    s: dict[str, dict] = {"none": {}}
+    for p in rates:
+        s[f"dg {p:g}"] = {"drop_rate": p}
+        s[f"lr x sqrt(1-{p:g})"] = {"lr_scale": math.sqrt(1 - p)}
+        s[f"gauss noise {p:g}"] = {"grad_noise": p}
+    s["dropout 0.2"] = {"dropout": 0.2}
+    s["wd 0.1 (adamw)"] = {"optimizer": "adamw", "weight_decay": 0.1}
+    return s
+
+
+ADAPTIVE_SETTINGS = {
+    "adaptive gap <=0.5": {"drop_rate": 0.5, "schedule": "adaptive", "adaptive_monitor": "gap"},
+    "adaptive val-loss <=0.5": {"drop_rate": 0.5, "schedule": "adaptive", "adaptive_monitor": "val_loss"},
+}
+
+
+def _seed_major(runs: list[RunConfig]) -> list[RunConfig]:
+    """Every setting of seed 0, then of seed 1, ...: a cut-off suite stays balanced."""
+    return sorted(runs, key=lambda c: c.seed)
+
+
+def overfit() -> list[RunConfig]:
+    """Fashion-MNIST 1k/5k x label noise 0/20/40%: the rate grid with both controls at every rate.
+
+    Ordered by importance, since a one-core session may not finish it: 1k (noisiest first),
+    the adaptive schedule in the noisy 1k regimes, then 5k (noisiest first).
+    """
+    runs: list[RunConfig] = []
+    for base, size in ((OVERFIT_1K, "1k"), (OVERFIT_5K, "5k")):
+        for eta in (0.4, 0.2, 0.0):
+            b = base.replace(label_noise=eta)
+            runs += _seed_major(_group(b, f"fmnist-mlp512 {size} noise{int(eta * 100)}", overfit_settings(), OVERFIT_SEEDS))
+        if size == "1k":
+            for eta in (0.4, 0.2):
+                b = base.replace(label_noise=eta)
+                sett = {"none": {}, **{f"dg {p:g}": {"drop_rate": p} for p in OVERFIT_RATES}, **ADAPTIVE_SETTINGS}
+                runs += _seed_major(_group(b, f"adaptive {size} noise{int(eta * 100)}", sett, OVERFIT_SEEDS))
+    return runs
+
+
 # ------------------------------------------------------------------ language models
 
 BROWN_LSTM = RunConfig(
@@ -192,13 +249,14 @@ def brown_full() -> list[RunConfig]:
     return runs + _group(tf, "brown-transformer full", s, LM_SEEDS)
 
 
-SUITES = {"quick": quick, "image": image, "ablations": ablations, "lm": lm}
+SUITES = {"quick": quick, "image": image, "ablations": ablations, "lm": lm, "overfit": overfit}
 GPU_SUITES = {"gpu-cifar10": cifar10_resnet, "gpu-lm": brown_full}
 PUBLISHED = ("quick", "image", "ablations", "lm")
 DESCRIPTIONS = {
     "quick": "digits MLP: baselines, DropGrad, controls (5 seeds); no download, < 5 min",
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
+    "overfit": "Fashion-MNIST 1k/5k x 0/20/40% label noise, MLP 784-512-512: p 0.1/0.3/0.5 with both controls, dropout, wd, adaptive (10 seeds)",
     "lm": "Brown word-level LSTM (with a drop-rate sweep) and transformer, Shakespeare char-level LSTM (3 seeds)",
     "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
     "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",
