@@ -52,6 +52,7 @@ class RunConfig:
     dropout: float = 0.0
     bptt: int = 35
     tie_weights: bool = False
+    latent: int = 20  # vae: latent dimensions
 
     # optimization
     optimizer: str = "adam"  # sgd | adam | adamw
@@ -79,6 +80,10 @@ class RunConfig:
 
     # control: additive Gaussian gradient noise with DropGrad's variance g^2 p/(1-p) at this p
     grad_noise: float = 0.0
+
+    # reinforcement learning (task cartpole | acrobot, model ppo | dqn): epochs = evaluation points
+    env_steps: int = 0  # environment steps in total
+    eval_episodes: int = 10  # deterministic-policy episodes per evaluation point
 
     # run
     seed: int = 0
@@ -125,7 +130,7 @@ _NOT_IN_ID = ("data_dir", "threads", "device", "suite", "group", "name", "baseli
 
 # Fields added after results were published: left out of the hash while they have their
 # default value, so every earlier run keeps its id (and is not run again).
-_OMIT_IF_DEFAULT = ("adaptive_monitor", "adaptive_patience", "adaptive_increment")
+_OMIT_IF_DEFAULT = ("adaptive_monitor", "adaptive_patience", "adaptive_increment", "env_steps", "eval_episodes", "latent")
 _DEFAULTS: dict = {}
 
 

@@ -200,6 +200,77 @@ def overfit() -> list[RunConfig]:
     return runs
 
 
+# ------------------------------------------------------------------ reinforcement learning (item 3)
+
+RL_SEEDS = 10
+RL_BASE = RunConfig(suite="rl", model="ppo", hidden=64, layers=2, lr=3e-4, env_steps=50_000, epochs=10, eval_episodes=10)
+
+
+def _rate_and_controls(rates: tuple[float, ...]) -> tuple[dict[str, dict], dict[str, dict]]:
+    grid = {"p=0": {}, **{f"dg {p:g}": {"drop_rate": p} for p in rates}}
+    controls = {}
+    for p in rates:
+        controls[f"lr x sqrt(1-{p:g})"] = {"lr_scale": math.sqrt(1 - p)}
+        controls[f"gauss noise {p:g}"] = {"grad_noise": p}
+    return grid, controls
+
+
+def rl() -> list[RunConfig]:
+    """PPO (stable-baselines3) on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3, then both controls."""
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    runs: list[RunConfig] = []
+    for part in (grid, controls):  # the rate grid of both tasks first, the controls after
+        for task in ("cartpole", "acrobot"):
+            b = RL_BASE.replace(task=task)
+            settings = part if part is grid else {"p=0": {}, **part}
+            runs += _seed_major(_group(b, f"ppo {task}", settings, RL_SEEDS, "p=0"))
+    return runs
+
+
+# ------------------------------------------------------------------ generative models (item 4)
+
+GEN_SEEDS = 5
+VAE_BASE = RunConfig(
+    suite="generative", task="fashion_mnist", model="vae", hidden=400, latent=20, lr=1e-3, batch_size=128,
+    train_subset=20000, epochs=20, input_noise=(),
+)
+CHAR_BASE = RunConfig(
+    suite="generative", task="shakespeare", model="lstm", emb=64, hidden=256, layers=1, batch_size=32, bptt=100, lr=2e-3,
+    clip_grad=5.0, epochs=4, train_subset=400_000, eval_tokens=100_000, patience=1,
+)
+
+
+def generative() -> list[RunConfig]:
+    """VAE on Fashion-MNIST (test -ELBO, nats) and a char-level Shakespeare LSTM (held-out ppl)."""
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    settings = {**grid, **controls, "dropout 0.2": {"dropout": 0.2}}
+    runs = _seed_major(_group(VAE_BASE, "vae fmnist 20k", settings, GEN_SEEDS, "p=0"))
+    runs += _seed_major(_group(CHAR_BASE, "char-lstm shakespeare 400k", settings, GEN_SEEDS, "p=0"))
+    return runs
+
+
+# ------------------------------------------------------------------ PTB-scale language models (item 5)
+
+# The whole Brown corpus (~1.16M tokens with <eos>, PTB-sized), Zaremba et al.'s small LSTM
+# (2 x 200, bptt 35, batch 20) and a small transformer, trained until validation perplexity
+# stops improving (patience 2, at most 20 epochs). Several hours per run on one CPU core:
+# run in the background; the harness resumes by run id.
+BROWN_ZAREMBA = RunConfig(
+    suite="lm-full", task="brown", model="lstm", emb=200, hidden=200, layers=2, batch_size=20, bptt=35, lr=1e-3,
+    clip_grad=5.0, epochs=20, patience=2, train_subset=0, eval_tokens=0,
+)
+BROWN_TF_SMALL = BROWN_ZAREMBA.replace(model="transformer", emb=256, heads=4, layers=4, bptt=128, clip_grad=1.0, lr=5e-4)
+
+
+def lm_full() -> list[RunConfig]:
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    runs: list[RunConfig] = []
+    for base, name, drop in ((BROWN_ZAREMBA, "brown-full zaremba-small lstm", 0.3), (BROWN_TF_SMALL, "brown-full transformer", 0.1)):
+        settings = {**grid, f"dropout {drop:g}": {"dropout": drop}, **controls}
+        runs += _seed_major(_group(base, name, settings, LM_SEEDS, "p=0"))
+    return runs
+
+
 # ------------------------------------------------------------------ language models
 
 BROWN_LSTM = RunConfig(
@@ -249,7 +320,10 @@ def brown_full() -> list[RunConfig]:
     return runs + _group(tf, "brown-transformer full", s, LM_SEEDS)
 
 
-SUITES = {"quick": quick, "image": image, "ablations": ablations, "lm": lm, "overfit": overfit}
+SUITES = {
+    "quick": quick, "image": image, "ablations": ablations, "lm": lm, "overfit": overfit, "rl": rl,
+    "generative": generative, "lm-full": lm_full,
+}
 GPU_SUITES = {"gpu-cifar10": cifar10_resnet, "gpu-lm": brown_full}
 PUBLISHED = ("quick", "image", "ablations", "lm")
 DESCRIPTIONS = {
@@ -257,6 +331,9 @@ DESCRIPTIONS = {
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
     "overfit": "Fashion-MNIST 1k/5k x 0/20/40% label noise, MLP 784-512-512: p 0.1/0.3/0.5 with both controls, dropout, wd, adaptive (10 seeds)",
+    "rl": "stable-baselines3 PPO on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3 and both controls (10 seeds)",
+    "generative": "VAE on Fashion-MNIST 20k (test -ELBO) and char-level Shakespeare LSTM: p 0/0.1/0.3, controls, dropout (5 seeds)",
+    "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; hours each on CPU)",
     "lm": "Brown word-level LSTM (with a drop-rate sweep) and transformer, Shakespeare char-level LSTM (3 seeds)",
     "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
     "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",

@@ -32,6 +32,11 @@ def is_language(cfg: RunConfig) -> bool:
 def primary_metric(cfg_or_task) -> tuple[str, bool]:
     """The test metric a suite is judged by, and whether higher is better."""
     task = cfg_or_task if isinstance(cfg_or_task, str) else cfg_or_task.task
+    model = None if isinstance(cfg_or_task, str) else cfg_or_task.model
+    if task in ("cartpole", "acrobot"):
+        return ("return", True)
+    if model == "vae":
+        return ("nelbo", False)
     return ("ppl", False) if task in D.TOKEN_TASKS else ("acc", True)
 
 
@@ -408,6 +413,14 @@ def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
 def train(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, dict]:
     """Yield per-epoch metrics of one run; the generator's return value is the summary."""
     torch.set_num_threads(cfg.threads)
+    if cfg.task in ("cartpole", "acrobot"):
+        from .rl import train_rl
+
+        return (yield from train_rl(cfg, progress))
+    if cfg.model == "vae":
+        from .generative import train_vae
+
+        return (yield from train_vae(cfg, progress))
     if is_language(cfg):
         return (yield from _train_lm(cfg, progress))
     return (yield from _train_images(cfg, progress))
