@@ -9,7 +9,6 @@ on the test set at the best-validation epoch and at the last epoch.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Generator
@@ -59,7 +58,15 @@ def _eval(model: VAE, x: torch.Tensor, seed: int, bs: int = 1000) -> float:
 
 def train_vae(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, dict]:
     """Yield per-epoch train/val/test negative ELBO; return best-validation and final test values."""
-    from .train import _GradNoise, _load_images, _lr_sched, _split_images, _update, drop_rate_of, make_optimizer
+    from .train import (
+        _GradNoise,
+        _load_images,
+        _lr_sched,
+        _split_images,
+        _update,
+        drop_rate_of,
+        make_optimizer,
+    )
 
     d = _load_images(cfg.task, cfg.data_dir)
     xtr, _, xva, _ = _split_images(cfg.replace(label_noise=0.0), d)
@@ -73,7 +80,7 @@ def train_vae(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, d
     sched = _lr_sched(cfg, opt, total)
     noise = _GradNoise(cfg.grad_noise, cfg.seed) if cfg.grad_noise > 0 else None
     params = list(model.parameters())
-    best, best_state, history = (math.inf, -1), None, []
+    best, history = (math.inf, -1), []
     for epoch in range(cfg.epochs):
         t0 = time.time()
         perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -93,7 +100,7 @@ def train_vae(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, d
         history.append(m)
         yield m
         if val < best[0]:
-            best, best_state = (val, epoch), copy.deepcopy(model.state_dict())
+            best = (val, epoch)
         elif cfg.patience and epoch - best[1] >= cfg.patience:
             break
     b, f = history[best[1]], history[-1]

@@ -320,17 +320,39 @@ def brown_full() -> list[RunConfig]:
     return runs + _group(tf, "brown-transformer full", s, LM_SEEDS)
 
 
+def gpu_short() -> list[RunConfig]:
+    """What one GPU does in under 10 minutes (``experiments/gpu_short.sh`` runs the seeds in parallel).
+
+    ResNet-20 on all of Fashion-MNIST (55k training images, SGD + cosine, 15 epochs) and the
+    Zaremba-small LSTM on the whole Brown corpus (early stopping, at most 8 epochs):
+    p 0/0.1/0.3 and both controls at 0.3, 3 seeds.
+    """
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    settings = {**grid, **{k: v for k, v in controls.items() if "0.3" in k}}
+    resnet = RunConfig(
+        suite="gpu-short", task="fashion_mnist", model="resnet", width=16, layers=3, optimizer="sgd", lr=0.1, momentum=0.9,
+        weight_decay=5e-4, batch_size=128, epochs=15, lr_decay="cosine", device="cuda", test_every_epoch=False,
+    )
+    # with SGD the expected step is unchanged by DropGrad; the lr control still shows what a smaller step does
+    runs = _seed_major(_group(resnet, "gpu fmnist-full resnet20", settings, IMAGE_SEEDS, "p=0"))
+    lstm = BROWN_ZAREMBA.replace(suite="gpu-short", epochs=8, device="cuda")
+    runs += _seed_major(_group(lstm, "gpu brown-full zaremba-small lstm", settings, LM_SEEDS, "p=0"))
+    return runs
+
+
 SUITES = {
     "quick": quick, "image": image, "ablations": ablations, "lm": lm, "overfit": overfit, "rl": rl,
-    "generative": generative, "lm-full": lm_full,
+    "generative": generative, "lm-full": lm_full, "gpu-short": gpu_short,
 }
 GPU_SUITES = {"gpu-cifar10": cifar10_resnet, "gpu-lm": brown_full}
-PUBLISHED = ("quick", "image", "ablations", "lm")
+PUBLISHED = ("quick", "image", "ablations", "lm", "overfit", "rl", "generative", "lm-full", "gpu-short")
+RUN_BY_ALL = ("quick", "image", "ablations", "lm")  # `suite all`; the newer suites run one by one
 DESCRIPTIONS = {
     "quick": "digits MLP: baselines, DropGrad, controls (5 seeds); no download, < 5 min",
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
     "overfit": "Fashion-MNIST 1k/5k x 0/20/40% label noise, MLP 784-512-512: p 0.1/0.3/0.5 with both controls, dropout, wd, adaptive (10 seeds)",
+    "gpu-short": "one GPU, < 10 min: ResNet-20 on all of Fashion-MNIST, Zaremba-small LSTM on the whole Brown corpus (3 seeds; experiments/gpu_short.sh)",
     "rl": "stable-baselines3 PPO on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3 and both controls (10 seeds)",
     "generative": "VAE on Fashion-MNIST 20k (test -ELBO) and char-level Shakespeare LSTM: p 0/0.1/0.3, controls, dropout (5 seeds)",
     "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; hours each on CPU)",
@@ -348,7 +370,7 @@ def suite_names() -> list[str]:
 def get_suite(name: str) -> list[RunConfig]:
     """The configs of a suite; ``all`` puts the first three seeds of every published suite first."""
     if name == "all":
-        runs = [c for s in PUBLISHED for c in SUITES[s]()]
+        runs = [c for s in RUN_BY_ALL for c in SUITES[s]()]
 
         def priority(c: RunConfig) -> tuple[bool, int]:
             # seeds 0-2 of everything first, so partial results stay balanced; inside each
