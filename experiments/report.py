@@ -757,7 +757,7 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
     * **inconclusive**: neither a difference nor equivalence is shown.
     """
     rows = []
-    seen: set = set()  # a comparison shared by two groups (same runs) enters the family once
+    seen: dict = {}  # a comparison shared by two groups (same runs) enters the family once
     for suite, groups in all_groups.items():
         for g in groups:
             when = headline(g.metric)
@@ -768,13 +768,18 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
                 if r["setting"] == g.baseline or not c.uses_dropgrad or not r["pairs"]:
                     continue
                 ident = (frozenset(map(run_id, g.settings[r["setting"]].configs)), frozenset(map(run_id, g.settings[g.baseline].configs)))
-                if ident in seen:
-                    continue
-                seen.add(ident)
                 partner, pd, pp = _versus_partner(g, r["setting"], when)
+                if ident in seen:  # keep one row, with the controls/partner of whichever group has them
+                    first = seen[ident]
+                    if not first["controls"]:
+                        first["controls"] = _controls_of(g, r["setting"], when)
+                    if not first["partner"] and partner:
+                        first.update(partner=partner, partner_delta=pd, partner_p=pp)
+                    continue
                 rows.append({**r, "suite": suite, "group": g.group, "metric": g.metric, "higher": g.higher, "when": when,
                              "other": alt[r["setting"]], "partner": partner, "partner_delta": pd, "partner_p": pp,
                              "controls": _controls_of(g, r["setting"], when)})
+                seen[ident] = rows[-1]
     for key, out in (("p", "p_all"), ("p_tost", "p_tost_all")):
         for r, a in zip(rows, holm([r[key] for r in rows])):
             r[out] = a
