@@ -203,7 +203,8 @@ _WORDS = {"dg": "DropGrad", "ls": "label smoothing", "wd": "weight decay", "fud"
 def pretty(name: str) -> str:
     """A setting's label with the abbreviations spelled out, for figure legends ("dg+wd" -> "DropGrad + weight decay")."""
     parts = re.split(r"(\+| )", name)
-    return "".join(_WORDS.get(x, x) for x in parts).replace("+", " + ")
+    text = "".join(_WORDS.get(x, x) for x in parts).replace("+", " + ")
+    return text.replace("gauss noise", "Gaussian gradient noise").replace("lr x ", "lr × ")
 
 
 def _table(g: GroupStats, markdown: bool) -> str:
@@ -306,7 +307,7 @@ def _curves(g: GroupStats, path: str) -> str | None:
             continue
         any_data = True
         ep = np.arange(1, n_ep + 1)
-        color = f"C{i % 10}"
+        color = plt.cm.tab20(i % 20) if len(g.settings) > 10 else f"C{i}"
         for ax, key, style in ((axes[0], "train_loss", "-"), (axes[0], "val_loss", "--"), (axes[1], val_key, "-")):
             ys = np.array([[e[key] for e in r.epochs[:n_ep]] for r in s.runs.values()])
             if key == val_key:

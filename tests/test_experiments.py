@@ -524,3 +524,25 @@ def test_summary_verdicts_correct_once_and_credit_the_partner_or_control():
     rows = {r["setting"]: r for r in summary_rows({"s": groups})}
     assert all("equivalent within ±0.5" in r["verdict"] for r in rows.values())
     assert pretty("dg+wd") == "DropGrad + weight decay" and pretty("ls") == "label smoothing"
+
+
+@pytest.mark.parametrize(
+    "suite,group,extra",
+    [
+        ("overfit", "1k noise40", ["train_subset=50", "hidden=8", "val_size=20", "input_noise="]),
+        ("rl", "cartpole", ["env_steps=256", "eval_episodes=1", "hidden=8"]),
+        ("generative", "vae", ["train_subset=50", "hidden=8", "latent=2", "val_size=20"]),
+    ],
+)
+def test_new_suites_run_from_the_command_line_on_tiny_settings(tmp_path, suite, group, extra, capsys):
+    if suite == "rl":
+        pytest.importorskip("stable_baselines3")
+    _fake_fashion_and_brown(tmp_path / "data")
+    args = ["suite", suite, "--seed-only", "0", "--group", group, "--results-dir", str(tmp_path / "r"), "--no-progress",
+            "--set", "epochs=1", f"data_dir={tmp_path / 'data'}", *extra]
+    assert main(args) == 0
+    runs = load_runs([str(tmp_path / "r" / f"{suite}.jsonl")])
+    expected = {run_id(c) for c in get_suite(suite) if c.seed == 0 and group in c.group}
+    assert len(runs) == len(expected) >= 7
+    assert all(r.env["torch_threads"] == 1 and "cpu_flags" in r.env for r in runs)
+    assert "baseline" in capsys.readouterr().out
