@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--seeds", type=int, default=None, help="only seeds < N")
     s.add_argument("--group", default=None, help="only groups whose name contains this")
+    s.add_argument("--setting", default=None, metavar="REGEX", help="only settings whose name matches this regular expression (re.search)")
     s.add_argument("--seed-only", type=int, default=None, metavar="K", help="only seed K (to run seeds in parallel processes)")
     s.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="start no new run after this long")
     s.add_argument("--dry-run", action="store_true", help="list the runs and whether they are finished")
@@ -72,6 +73,11 @@ def _suite_configs(name: str, args) -> list[RunConfig]:
     configs = get_suite(name)
     if getattr(args, "seeds", None) is not None:
         configs = [c for c in configs if c.seed < args.seeds]
+    if getattr(args, "setting", None):
+        import re
+
+        pattern = re.compile(args.setting)
+        configs = [c for c in configs if pattern.search(c.name)]
     if getattr(args, "seed_only", None) is not None:
         configs = [c for c in configs if c.seed == args.seed_only]
     if getattr(args, "group", None):

@@ -628,6 +628,9 @@ def write_report(
             "`python -m experiments suite all --results-dir experiments/results` runs (or resumes) everything, three "
             "seeds of every setting first.", ""]
 
+    incomplete = [f"`{g.suite}` / {g.group} ({g.finished}/{g.expected} runs)" if g.finished else f"`{g.suite}` / {g.group} (not started)"
+                  for gs in all_groups.values() for g in gs if g.finished < g.expected]
+    doc += ["Incomplete groups (their rows below are partial, or absent): " + ("; ".join(incomplete) if incomplete else "none") + ".", ""]
     doc += _summary(all_groups)
     for suite, groups in all_groups.items():
         doc += [f"## Suite `{suite}`", "", DESCRIPTIONS.get(suite, ""), ""]
