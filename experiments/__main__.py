@@ -45,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--seeds", type=int, default=None, help="only seeds < N")
     s.add_argument("--group", default=None, help="only groups whose name contains this")
+    s.add_argument("--setting", default=None, metavar="REGEX", help="only settings whose name matches this regular expression (re.search)")
+    s.add_argument("--seed-only", type=int, default=None, metavar="K", help="only seed K (to run seeds in parallel processes)")
     s.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="start no new run after this long")
     s.add_argument("--dry-run", action="store_true", help="list the runs and whether they are finished")
+    s.add_argument("--allow-dirty", action="store_true", help="write into experiments/results from an uncommitted tree (runs marked dirty; the report excludes them)")
 
     r = sub.add_parser("run", help="run one configuration given as KEY=VALUE overrides of the defaults")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -70,6 +73,13 @@ def _suite_configs(name: str, args) -> list[RunConfig]:
     configs = get_suite(name)
     if getattr(args, "seeds", None) is not None:
         configs = [c for c in configs if c.seed < args.seeds]
+    if getattr(args, "setting", None):
+        import re
+
+        pattern = re.compile(args.setting)
+        configs = [c for c in configs if pattern.search(c.name)]
+    if getattr(args, "seed_only", None) is not None:
+        configs = [c for c in configs if c.seed == args.seed_only]
     if getattr(args, "group", None):
         configs = [c for c in configs if args.group in c.group]
     if args.set:
@@ -78,11 +88,27 @@ def _suite_configs(name: str, args) -> list[RunConfig]:
     return configs
 
 
+def _publishes(results_dir: str) -> bool:
+    """Whether ``results_dir`` is the published results folder (experiments/results)."""
+    return os.path.abspath(results_dir) == os.path.abspath(PUBLISHED_RESULTS)
+
+
 def _run_suite(name: str, args) -> int:
     from .report import console_tables
     from .results import finished_ids, run_suite
 
     configs = _suite_configs(name, args)
+    if not getattr(args, "dry_run", False) and _publishes(args.results_dir) and not getattr(args, "allow_dirty", False):
+        from .results import tree_is_dirty
+
+        if tree_is_dirty():
+            print(
+                f"error: refusing to write published results into {args.results_dir} from a tree with uncommitted "
+                "changes to dropgrad/ or experiments/ (their runs could not be reproduced from a commit). Commit "
+                "first, or pass --allow-dirty (the runs are then recorded as dirty and the report leaves them out).",
+                file=sys.stderr,
+            )
+            return 2
     if getattr(args, "dry_run", False):
         done = finished_ids(args.results_dir)
         for c in configs:

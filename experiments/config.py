@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A bad override: unknown key, or a value of the wrong type."""
 
 
+SCHEDULES = ("constant", "linear", "cosine", "step", "cyclical", "exponential", "warmup", "adaptive")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # what the run belongs to (used by the report, not by training)
@@ -34,7 +37,7 @@ class RunConfig:
     data_dir: str = "data"  # root holding one folder per data set (see experiments/get_data.sh)
     train_subset: int = 0  # 0: all training examples; else this many (images) or tokens (language)
     val_size: int = 5000  # images held out of the training set for early stopping
-    label_noise: float = 0.0  # fraction of training labels replaced by a uniformly random class
+    label_noise: float = 0.0  # exact share of training labels flipped to a different class (validation stays clean)
     input_noise: tuple[float, ...] = (0.1, 0.2, 0.4)  # Gaussian noise std (in [0,1] pixel units) for robustness
     eval_tokens: int = 0  # language: cap on validation/test tokens (0: all)
     vocab_size: int = 10000  # word-level language: vocabulary including <unk> and <eos>
@@ -49,6 +52,7 @@ class RunConfig:
     dropout: float = 0.0
     bptt: int = 35
     tie_weights: bool = False
+    latent: int = 20  # vae: latent dimensions
 
     # optimization
     optimizer: str = "adam"  # sgd | adam | adamw
@@ -65,8 +69,11 @@ class RunConfig:
 
     # DropGrad
     drop_rate: float = 0.0
-    schedule: str = "constant"  # constant | linear | cosine | step | cyclical
-    schedule_final: float = 0.0  # rate a decaying schedule ends at / a cycle's low point
+    schedule: str = "constant"  # constant | linear | cosine | step | cyclical | exponential | warmup | adaptive
+    schedule_final: float = 0.0  # rate a decaying schedule ends at / a cycle's low point / adaptive's starting (lowest) rate
+    adaptive_monitor: str = "gap"  # adaptive: "gap" (val_loss - train_loss) or "val_loss"; drop_rate is its cap
+    adaptive_patience: int = 2  # adaptive: epochs without improvement before the rate rises
+    adaptive_increment: float = 0.1  # adaptive: added to the rate on each rise
     full_update_drop: float = 0.0
     layer_rates: str = ""  # per-name rates, e.g. "classifier=0.2,*.bias=0.0" (names not listed get drop_rate)
     rescale: bool = True
@@ -74,10 +81,15 @@ class RunConfig:
     # control: additive Gaussian gradient noise with DropGrad's variance g^2 p/(1-p) at this p
     grad_noise: float = 0.0
 
+    # reinforcement learning (task cartpole | acrobot, model ppo | dqn): epochs = evaluation points
+    env_steps: int = 0  # environment steps in total
+    eval_episodes: int = 10  # deterministic-policy episodes per evaluation point
+
     # run
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # torch.set_num_threads (1 leaves the other cores to other work)
+    test_every_epoch: bool = True  # images: False evaluates the test set only at a new best validation epoch and the last one (same results, less time)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -88,8 +100,15 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
         if not 0.0 <= self.grad_noise < 1.0:  # the matched variance p/(1-p) is infinite at p = 1
             raise ConfigError(f"grad_noise must be in [0, 1), got {self.grad_noise!r}")
-        if self.schedule not in ("constant", "linear", "cosine", "step", "cyclical"):
-            raise ConfigError(f"schedule must be constant, linear, cosine, step or cyclical, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.adaptive_monitor not in ("gap", "val_loss"):
+            raise ConfigError(f"adaptive_monitor must be gap or val_loss, got {self.adaptive_monitor!r}")
+        if self.adaptive_patience < 0 or not 0.0 < self.adaptive_increment <= 1.0:
+            raise ConfigError(
+                f"adaptive_patience must be >= 0 and adaptive_increment in (0, 1], got "
+                f"{self.adaptive_patience!r} and {self.adaptive_increment!r}"
+            )
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
         if self.lr_decay not in ("none", "cosine"):
@@ -106,12 +125,28 @@ class RunConfig:
 # Fields that do not change what a run computes: where the data is, how many
 # threads, and the labels a suite gives it. Two suites (or two groups of one
 # suite) that contain the same computation share one run, so it is done once.
-_NOT_IN_ID = ("data_dir", "threads", "device", "suite", "group", "name", "baseline")
+_NOT_IN_ID = ("data_dir", "threads", "device", "suite", "group", "name", "baseline", "test_every_epoch")
+
+
+# Fields added after results were published: left out of the hash while they have their
+# default value, so every earlier run keeps its id (and is not run again).
+_OMIT_IF_DEFAULT = ("adaptive_monitor", "adaptive_patience", "adaptive_increment", "env_steps", "eval_episodes", "latent")
+_DEFAULTS: dict = {}
 
 
 def run_id(cfg: RunConfig) -> str:
     """A stable id of what a run computes: the hash of every field that affects its result."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_ID}
+    if not _DEFAULTS:
+        _DEFAULTS.update(dataclasses.asdict(RunConfig()))
+    d = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in _NOT_IN_ID and not (k in _OMIT_IF_DEFAULT and v == _DEFAULTS[k])
+    }
+    if cfg.label_noise > 0:
+        # noise is now "exactly this share flipped to another class, clean validation"; runs of
+        # the old definition (redraw over all classes, noisy validation) keep their old ids
+        d["label_noise_def"] = "flip-exact/clean-val"
     blob = json.dumps(d, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -31,6 +31,7 @@ __all__ = [
     "ImageData",
     "TokenData",
     "load_images",
+    "flip_labels",
     "load_tokens",
     "read_idx",
     "load_idx_dir",
@@ -155,6 +156,28 @@ def load_digits(test_size: int = 500) -> ImageData:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
     te, tr = perm[:test_size], perm[test_size:]
     return ImageData(x[tr], y[tr], x[te], y[te], 10)
+
+
+def flip_labels(y: torch.Tensor, share: float, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """A copy of ``y`` with exactly ``round(share * len(y))`` labels changed to a *different* class.
+
+    The examples to corrupt are a uniformly random subset of that size; each gets a
+    class drawn uniformly from the ``num_classes - 1`` classes other than its own, so
+    the realised noise rate is exactly ``share`` (not ``share * (K-1)/K`` as when a
+    label is redrawn over all classes).
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 to flip a label, got {num_classes!r}")
+    out = y.clone()
+    k = int(round(share * len(y)))
+    if k == 0:
+        return out
+    idx = torch.randperm(len(y), generator=gen)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=gen)  # 1..K-1: never the same class
+    out[idx] = (out[idx] + shift) % num_classes
+    return out
 
 
 IMAGE_TASKS = ("digits", "fashion_mnist", "mnist", "cifar10")

@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -53,6 +54,27 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+_SIMD = re.compile(r"^(sse4_1|sse4_2|avx|avx2|fma|f16c|avx512\w*|amx\w*|avx_vnni|neon|asimd\w*|sve\w*)$")
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD flags of the CPU (the ones that change what torch's kernels do), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return sorted(x for x in line.split(":", 1)[1].split() if _SIMD.match(x))
+    except OSError:
+        pass
+    return []
+
+
+def tree_is_dirty() -> bool:
+    """Uncommitted changes to the code that computes results (dropgrad/ or experiments/, results files aside)."""
+    status = _git("status", "--porcelain", "--", "dropgrad", "experiments", ":(exclude)experiments/results", ":(exclude)experiments/runs")
+    return bool(status)
+
+
 def environment() -> dict:
     """Code version, library versions and machine, recorded with every run."""
     import numpy
@@ -64,10 +86,9 @@ def environment() -> dict:
         dg_version = getattr(dropgrad, "__version__", "?")
     except ImportError:  # pragma: no cover
         dg_version = None
-    status = _git("status", "--porcelain", "--", "dropgrad", "experiments")
     return {
         "git_commit": _git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(status),
+        "git_dirty": tree_is_dirty(),
         "dropgrad": dg_version,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -75,6 +96,8 @@ def environment() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -205,7 +228,11 @@ def run_suite(
             break
         rf = ResultsFile(results_path(results_dir, cfg))
         rid, attempt = run_id(cfg), uuid.uuid4().hex[:12]
-        rf.append({"type": "start", "run": rid, "attempt": attempt, "config": dataclasses.asdict(cfg), "env": env})
+        import torch
+
+        torch.set_num_threads(cfg.threads)  # (train() sets it too); recorded as actually in effect
+        run_env = {**env, "torch_threads": torch.get_num_threads(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rf.append({"type": "start", "run": rid, "attempt": attempt, "config": dataclasses.asdict(cfg), "env": run_env})
         t0 = time.time()
         try:
             summary = run_to_end(cfg, lambda m: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress)

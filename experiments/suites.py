@@ -143,6 +143,135 @@ def ablations() -> list[RunConfig]:
     return runs
 
 
+# ------------------------------------------------------------------ overfitting regimes (issue 15, item 1-2)
+
+OVERFIT_SEEDS = 10
+OVERFIT_RATES = (0.1, 0.3, 0.5)
+# 784-512-512-10 MLP, Adam 1e-3, batch 64, clean 5,000-image validation split; epochs long
+# enough that 1k images are memorized (train acc 100% by epoch ~45 at 40% noise). The 5k
+# runs are cut at 40 epochs to fit one CPU core (train acc ~92% at 40% noise then; the
+# best-validation epoch is ~6, long before the cut).
+OVERFIT_1K = RunConfig(
+    suite="overfit", task="fashion_mnist", model="mlp", hidden=512, layers=2, lr=1e-3, batch_size=64,
+    train_subset=1000, epochs=50, test_every_epoch=False,
+)
+OVERFIT_5K = OVERFIT_1K.replace(train_subset=5000, epochs=40)
+
+
+def overfit_settings(rates: tuple[float, ...] = OVERFIT_RATES) -> dict[str, dict]:
+    """Baseline, DropGrad at each rate with both controls at that rate, dropout 0.2, AdamW wd 0.1."""
+    s: dict[str, dict] = {"none": {}}
+    for p in rates:
+        s[f"dg {p:g}"] = {"drop_rate": p}
+        s[f"lr x sqrt(1-{p:g})"] = {"lr_scale": math.sqrt(1 - p)}
+        s[f"gauss noise {p:g}"] = {"grad_noise": p}
+    s["dropout 0.2"] = {"dropout": 0.2}
+    s["wd 0.1 (adamw)"] = {"optimizer": "adamw", "weight_decay": 0.1}
+    return s
+
+
+ADAPTIVE_SETTINGS = {
+    "adaptive gap <=0.5": {"drop_rate": 0.5, "schedule": "adaptive", "adaptive_monitor": "gap"},
+    "adaptive val-loss <=0.5": {"drop_rate": 0.5, "schedule": "adaptive", "adaptive_monitor": "val_loss"},
+}
+
+
+def _seed_major(runs: list[RunConfig]) -> list[RunConfig]:
+    """Every setting of seed 0, then of seed 1, ...: a cut-off suite stays balanced."""
+    return sorted(runs, key=lambda c: c.seed)
+
+
+def overfit() -> list[RunConfig]:
+    """Fashion-MNIST 1k/5k x label noise 0/20/40%: the rate grid with both controls at every rate.
+
+    Ordered by importance, since a one-core session may not finish it: 1k at 40% and 20% noise,
+    the adaptive schedule in those two regimes, 1k clean, then 5k (noisiest first).
+    """
+    runs: list[RunConfig] = []
+    for base, size in ((OVERFIT_1K, "1k"), (OVERFIT_5K, "5k")):
+        grid = {eta: _seed_major(_group(base.replace(label_noise=eta), f"fmnist-mlp512 {size} noise{int(eta * 100)}",
+                                        overfit_settings(), OVERFIT_SEEDS)) for eta in (0.4, 0.2, 0.0)}
+        runs += grid[0.4] + grid[0.2]
+        if size == "1k":  # the adaptive schedule in the noisy regimes, before the clean one
+            for eta in (0.4, 0.2):
+                b = base.replace(label_noise=eta)
+                sett = {"none": {}, **{f"dg {p:g}": {"drop_rate": p} for p in OVERFIT_RATES}, **ADAPTIVE_SETTINGS}
+                runs += _seed_major(_group(b, f"adaptive {size} noise{int(eta * 100)}", sett, OVERFIT_SEEDS))
+        runs += grid[0.0]
+    return runs
+
+
+# ------------------------------------------------------------------ reinforcement learning (item 3)
+
+RL_SEEDS = 10
+RL_BASE = RunConfig(suite="rl", model="ppo", hidden=64, layers=2, lr=3e-4, env_steps=50_000, epochs=10, eval_episodes=10)
+
+
+def _rate_and_controls(rates: tuple[float, ...]) -> tuple[dict[str, dict], dict[str, dict]]:
+    grid = {"p=0": {}, **{f"dg {p:g}": {"drop_rate": p} for p in rates}}
+    controls = {}
+    for p in rates:
+        controls[f"lr x sqrt(1-{p:g})"] = {"lr_scale": math.sqrt(1 - p)}
+        controls[f"gauss noise {p:g}"] = {"grad_noise": p}
+    return grid, controls
+
+
+def rl() -> list[RunConfig]:
+    """PPO (stable-baselines3) on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3, then both controls."""
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    runs: list[RunConfig] = []
+    for part in (grid, controls):  # the rate grid of both tasks first, the controls after
+        for task in ("cartpole", "acrobot"):
+            b = RL_BASE.replace(task=task)
+            settings = part if part is grid else {"p=0": {}, **part}
+            runs += _seed_major(_group(b, f"ppo {task}", settings, RL_SEEDS, "p=0"))
+    return runs
+
+
+# ------------------------------------------------------------------ generative models (item 4)
+
+GEN_SEEDS = 5
+VAE_BASE = RunConfig(
+    suite="generative", task="fashion_mnist", model="vae", hidden=400, latent=20, lr=1e-3, batch_size=128,
+    train_subset=20000, epochs=20, input_noise=(),
+)
+CHAR_BASE = RunConfig(
+    suite="generative", task="shakespeare", model="lstm", emb=64, hidden=256, layers=1, batch_size=32, bptt=100, lr=2e-3,
+    clip_grad=5.0, epochs=4, train_subset=400_000, eval_tokens=100_000, patience=1,
+)
+
+
+def generative() -> list[RunConfig]:
+    """VAE on Fashion-MNIST (test -ELBO, nats) and a char-level Shakespeare LSTM (held-out ppl)."""
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    settings = {**grid, **controls, "dropout 0.2": {"dropout": 0.2}}
+    runs = _seed_major(_group(VAE_BASE, "vae fmnist 20k", settings, GEN_SEEDS, "p=0"))
+    runs += _seed_major(_group(CHAR_BASE, "char-lstm shakespeare 400k", settings, GEN_SEEDS, "p=0"))
+    return runs
+
+
+# ------------------------------------------------------------------ PTB-scale language models (item 5)
+
+# The whole Brown corpus (~1.16M tokens with <eos>, PTB-sized), Zaremba et al.'s small LSTM
+# (2 x 200, bptt 35, batch 20) and a small transformer, trained until validation perplexity
+# stops improving (patience 2, at most 20 epochs). Several hours per run on one CPU core:
+# run in the background; the harness resumes by run id.
+BROWN_ZAREMBA = RunConfig(
+    suite="lm-full", task="brown", model="lstm", emb=200, hidden=200, layers=2, batch_size=20, bptt=35, lr=1e-3,
+    clip_grad=5.0, epochs=20, patience=2, train_subset=0, eval_tokens=0,
+)
+BROWN_TF_SMALL = BROWN_ZAREMBA.replace(model="transformer", emb=256, heads=4, layers=4, bptt=128, clip_grad=1.0, lr=5e-4)
+
+
+def lm_full() -> list[RunConfig]:
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    runs: list[RunConfig] = []
+    for base, name, drop in ((BROWN_ZAREMBA, "brown-full zaremba-small lstm", 0.3), (BROWN_TF_SMALL, "brown-full transformer", 0.1)):
+        settings = {**grid, f"dropout {drop:g}": {"dropout": drop}, **controls}
+        runs += _seed_major(_group(base, name, settings, LM_SEEDS, "p=0"))
+    return runs
+
+
 # ------------------------------------------------------------------ language models
 
 BROWN_LSTM = RunConfig(
@@ -192,13 +321,42 @@ def brown_full() -> list[RunConfig]:
     return runs + _group(tf, "brown-transformer full", s, LM_SEEDS)
 
 
-SUITES = {"quick": quick, "image": image, "ablations": ablations, "lm": lm}
+def gpu_short() -> list[RunConfig]:
+    """What one GPU does in under 10 minutes (``experiments/gpu_short.sh`` runs the seeds in parallel).
+
+    ResNet-20 on all of Fashion-MNIST (55k training images, SGD + cosine, 15 epochs) and the
+    Zaremba-small LSTM on the whole Brown corpus (early stopping, at most 8 epochs):
+    p 0/0.1/0.3 and both controls at 0.3, 3 seeds.
+    """
+    grid, controls = _rate_and_controls((0.1, 0.3))
+    settings = {**grid, **{k: v for k, v in controls.items() if "0.3" in k}}
+    resnet = RunConfig(
+        suite="gpu-short", task="fashion_mnist", model="resnet", width=16, layers=3, optimizer="sgd", lr=0.1, momentum=0.9,
+        weight_decay=5e-4, batch_size=128, epochs=15, lr_decay="cosine", device="cuda", test_every_epoch=False,
+    )
+    # with SGD the expected step is unchanged by DropGrad; the lr control still shows what a smaller step does
+    runs = _seed_major(_group(resnet, "gpu fmnist-full resnet20", settings, IMAGE_SEEDS, "p=0"))
+    lstm = BROWN_ZAREMBA.replace(suite="gpu-short", epochs=8, device="cuda")
+    runs += _seed_major(_group(lstm, "gpu brown-full zaremba-small lstm", settings, LM_SEEDS, "p=0"))
+    return runs
+
+
+SUITES = {
+    "quick": quick, "image": image, "ablations": ablations, "lm": lm, "overfit": overfit, "rl": rl,
+    "generative": generative, "lm-full": lm_full, "gpu-short": gpu_short,
+}
 GPU_SUITES = {"gpu-cifar10": cifar10_resnet, "gpu-lm": brown_full}
-PUBLISHED = ("quick", "image", "ablations", "lm")
+PUBLISHED = ("quick", "image", "ablations", "lm", "overfit", "rl", "generative", "lm-full", "gpu-short")
+RUN_BY_ALL = ("quick", "image", "ablations", "lm")  # `suite all`; the newer suites run one by one
 DESCRIPTIONS = {
     "quick": "digits MLP: baselines, DropGrad, controls (5 seeds); no download, < 5 min",
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
+    "overfit": "Fashion-MNIST 1k/5k x 0/20/40% label noise, MLP 784-512-512: p 0.1/0.3/0.5 with both controls, dropout, wd, adaptive (10 seeds)",
+    "gpu-short": "one GPU, < 10 min: ResNet-20 on all of Fashion-MNIST, Zaremba-small LSTM on the whole Brown corpus (3 seeds; experiments/gpu_short.sh)",
+    "rl": "stable-baselines3 PPO on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3 and both controls (10 seeds)",
+    "generative": "VAE on Fashion-MNIST 20k (test -ELBO) and char-level Shakespeare LSTM: p 0/0.1/0.3, controls, dropout (5 seeds)",
+    "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; hours each on CPU)",
     "lm": "Brown word-level LSTM (with a drop-rate sweep) and transformer, Shakespeare char-level LSTM (3 seeds)",
     "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
     "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",
@@ -213,7 +371,7 @@ def suite_names() -> list[str]:
 def get_suite(name: str) -> list[RunConfig]:
     """The configs of a suite; ``all`` puts the first three seeds of every published suite first."""
     if name == "all":
-        runs = [c for s in PUBLISHED for c in SUITES[s]()]
+        runs = [c for s in RUN_BY_ALL for c in SUITES[s]()]
 
         def priority(c: RunConfig) -> tuple[bool, int]:
             # seeds 0-2 of everything first, so partial results stay balanced; inside each

@@ -18,7 +18,13 @@ import torch
 
 from experiments import data as D
 from experiments.__main__ import main
-from experiments.config import ConfigError, RunConfig, apply_overrides, parse_overrides, run_id
+from experiments.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    parse_overrides,
+    run_id,
+)
 from experiments.report import collect, console_tables, holm, paired_test, write_report
 from experiments.results import ResultsFile, load_runs, run_suite
 from experiments.suites import get_suite, suite_names
@@ -340,3 +346,203 @@ def test_statistics_helpers():
     assert paired_test(a, b) == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert paired_test([1.0, 2.0], [1.0, 2.0]) == 1.0
     assert math.isnan(paired_test([1.0], [2.0]))
+
+
+# ------------------------------------------------------------------ issue 15: noise, schedules, RL, generative, stats
+
+
+def test_label_noise_flips_exactly_that_share_to_a_different_class():
+    y = torch.arange(1000) % 10
+    for share in (0.0, 0.2, 0.4, 1.0):
+        out = D.flip_labels(y, share, 10, torch.Generator().manual_seed(3))
+        changed = out != y
+        assert int(changed.sum()) == round(share * 1000)  # exact, never a redraw onto the same class
+        assert out.min() >= 0 and out.max() <= 9
+    again = D.flip_labels(y, 0.4, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(again, D.flip_labels(y, 0.4, 10, torch.Generator().manual_seed(3)))
+    # the new class is uniform over the 9 others: each offset 1..9 gets ~400/9 = 44.4 (sd ~6.3); 5 sigma
+    offsets = ((again - y) % 10)[again != y]
+    counts = torch.bincount(offsets, minlength=10)[1:]
+    assert counts.sum() == 400 and (counts - 400 / 9).abs().max() < 5 * math.sqrt(400 / 9)
+    with pytest.raises(ValueError, match="share"):
+        D.flip_labels(y, 1.5, 10, torch.Generator())
+
+
+def test_noisy_split_keeps_validation_labels_clean_and_has_its_own_run_id():
+    from experiments.train import _load_images, _split_images
+
+    cfg = TINY.replace(label_noise=0.4)
+    d = _load_images("digits", "data")
+    xtr, ytr, xva, yva = _split_images(cfg, d)
+    _, ytr0, _, yva0 = _split_images(TINY, d)
+    assert torch.equal(yva, yva0)
+    assert int((ytr != ytr0).sum()) == round(0.4 * len(ytr0))
+    assert run_id(TINY.replace(adaptive_patience=2)) == run_id(TINY)  # new fields at their default: old ids kept
+    assert run_id(TINY.replace(adaptive_patience=3)) != run_id(TINY)
+
+
+def test_every_builtin_schedule_is_selectable_and_trains():
+    from experiments.config import SCHEDULES
+    from experiments.train import drop_rate_of
+
+    model = torch.nn.Linear(4, 2)
+    for sched in SCHEDULES:
+        cfg = TINY.replace(drop_rate=0.3, schedule=sched, schedule_final=0.1 if sched != "adaptive" else 0.0)
+        opt = make_optimizer(cfg, model, 100, drop_rate_of(cfg, 100))
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        TINY.replace(schedule="sometimes")
+
+
+def test_adaptive_schedule_raises_the_rate_when_the_gap_grows():
+    # a big learning rate on 1,297 digits overfits within a few epochs: the gap grows, the rate rises
+    cfg = TINY.replace(hidden=128, lr=0.01, epochs=8, drop_rate=0.4, schedule="adaptive", adaptive_patience=0,
+                       adaptive_increment=0.1, input_noise=())
+    epochs = []
+    run_to_end(cfg, epochs.append)
+    rates = [e["drop_rate"] for e in epochs]
+    assert rates[0] == 0.0 and all(b >= a for a, b in zip(rates, rates[1:])) and 0 < rates[-1] <= 0.4 + 1e-9
+
+
+def test_rl_ppo_uses_dropgrad_as_the_optimizer_class_and_records_returns():
+    pytest.importorskip("stable_baselines3")
+    from dropgrad import DropGrad
+    from experiments.rl import _agent, iqm, optimizer_class
+
+    cfg = RunConfig(task="cartpole", model="ppo", hidden=8, layers=1, env_steps=600, epochs=2, eval_episodes=2, drop_rate=0.3)
+    cls, kw = optimizer_class(cfg)
+    agent = _agent(cfg, "CartPole-v1")
+    opt = agent.policy.optimizer
+    assert isinstance(opt, DropGrad) and type(opt).__name__ == cls.__name__ == "DropGradAdam" and kw["eps"] == 1e-5
+    assert opt.param_groups[0]["eps"] == 1e-5 and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert optimizer_class(cfg.replace(drop_rate=0.0))[0] is torch.optim.Adam
+    assert optimizer_class(cfg.replace(drop_rate=0.0, grad_noise=0.3))[0].__name__ == "_NoisyAdam"
+    epochs = []
+    summary = run_to_end(cfg, epochs.append)
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[-1]["timesteps"] >= 600
+    assert 1 <= summary["test_return_final"] <= 500 and summary["test_return_final"] == pytest.approx(np.mean([e["eval_return"] for e in epochs]))
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 1000]) == pytest.approx(np.mean([3, 4, 5, 6]))
+
+
+def test_vae_trains_and_reports_negative_elbo_in_nats():
+    from experiments.generative import VAE, negative_elbo
+
+    x = torch.rand(5, 1, 8, 8)
+    vae = VAE(64, hidden=8, latent=2)
+    torch.manual_seed(0)
+    nelbo = negative_elbo(vae, x).item() / 5
+    assert 0 < nelbo < 64 * 2  # ~64 * ln 2 nats for an untrained decoder on [0,1] pixels
+    cfg = TINY.replace(model="vae", hidden=64, latent=4, epochs=3, lr=3e-3, drop_rate=0.1, input_noise=())
+    epochs = []
+    s = run_to_end(cfg, epochs.append)
+    assert epochs[-1]["test_nelbo"] < epochs[0]["test_nelbo"] and s["test_nelbo_best"] == pytest.approx(epochs[s["best_epoch"] - 1]["test_nelbo"])
+
+
+def _fake_fashion_and_brown(root):
+    rng = np.random.default_rng(0)
+    fm = root / "fashion-mnist"
+    fm.mkdir(parents=True)
+    for name, arr in {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (120, 28, 28)), "train-labels-idx1-ubyte": rng.integers(0, 10, 120),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (20, 28, 28)), "t10k-labels-idx1-ubyte": rng.integers(0, 10, 20),
+    }.items():
+        (fm / name).write_bytes(_idx_bytes(arr))
+    br = root / "brown" / "package"
+    br.mkdir(parents=True)
+    words = ["the", "jury", "said", "it", "was", "a", "fine", "day"]
+    for i in range(10):
+        sents = [" ".join(f"{words[(i + j + k) % 8]}/nn" for k in range(6)) + " ./." for j in range(12)]
+        (br / f"ca{i:02d}").write_text("\n\n\t" + "\n\n\t".join(sents) + "\n")
+
+
+def test_gpu_short_and_lm_full_suites_run_on_cpu_with_tiny_settings(tmp_path, capsys):
+    _fake_fashion_and_brown(tmp_path / "data")
+    tiny = ["device=cpu", "epochs=1", "width=4", "val_size=20", "batch_size=4", "bptt=4", "emb=8", "hidden=8",
+            "heads=2", "input_noise=", f"data_dir={tmp_path / 'data'}"]
+    code = main(["suite", "gpu-short", "--seed-only", "0", "--results-dir", str(tmp_path / "r"), "--no-progress", "--set", *tiny])
+    assert code == 0
+    runs = load_runs([str(tmp_path / "r" / "gpu-short.jsonl")])
+    assert {r.config["model"] for r in runs} == {"resnet", "lstm"} and len(runs) == 10 and all(r.config["seed"] == 0 for r in runs)
+    code = main(["suite", "lm-full", "--seed-only", "0", "--group", "transformer", "--results-dir", str(tmp_path / "r"), "--no-progress", "--set", *tiny])
+    assert code == 0 and len(load_runs([str(tmp_path / "r" / "lm-full.jsonl")])) == 8  # p 0/0.1/0.3, dropout, 2 x 2 controls
+
+
+def test_published_results_refuse_a_dirty_tree(tmp_path, monkeypatch, capsys):
+    import experiments.results as R
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "tree_is_dirty", lambda: True)
+    code = main(["suite", "quick", "--results-dir", "experiments/results", "--no-progress"])
+    assert code == 2 and "uncommitted" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "experiments" / "results")
+
+
+def test_tost_matches_two_one_sided_scipy_tests():
+    from scipy import stats
+
+    from experiments.report import equivalence_margin, tost
+
+    rng = np.random.default_rng(1)
+    for shift in (0.0, 0.3, 1.0):
+        d = shift + 0.4 * rng.standard_normal(10)
+        lo = stats.ttest_1samp(d, -0.5, alternative="greater").pvalue
+        hi = stats.ttest_1samp(d, 0.5, alternative="less").pvalue
+        assert tost(d, 0.5) == pytest.approx(max(lo, hi))
+    assert tost(0.01 * rng.standard_normal(10), 0.5) < 1e-6 and tost(2 + 0.01 * rng.standard_normal(10), 0.5) > 0.999
+    assert equivalence_margin("acc", 80.0) == 0.5 and equivalence_margin("ppl", 200.0) == pytest.approx(2.0)
+
+
+def _fake_group(effects: dict[str, float], seeds: int = 10):
+    from experiments.results import Run
+
+    base = RunConfig(suite="s", group="g", baseline="none", task="digits")
+    over = {"none": {}, "dropout": {"dropout": 0.2}, "dg+dropout": {"dropout": 0.2, "drop_rate": 0.1}, "dg": {"drop_rate": 0.1},
+            "lr x sqrt(1-0.1)": {"lr_scale": math.sqrt(0.9)}}
+    rng = np.random.default_rng(0)
+    configs, runs = [], {}
+    for s in range(seeds):
+        noise = 0.002 * rng.standard_normal()
+        for name, eff in effects.items():
+            c = base.replace(name=name, seed=s, **over[name])
+            configs.append(c)
+            acc = 0.8 + eff + noise + 0.0005 * rng.standard_normal()
+            runs[run_id(c)] = Run(run_id(c), {}, {}, [], {"test_acc_best": acc, "test_acc_final": acc}, 1.0)
+    return collect(configs, runs)
+
+
+def test_summary_verdicts_correct_once_and_credit_the_partner_or_control():
+    from experiments.report import pretty, summary_rows
+
+    groups = _fake_group({"none": 0.0, "dropout": 0.02, "dg+dropout": 0.02, "dg": 0.02, "lr x sqrt(1-0.1)": 0.02})
+    rows = {r["setting"]: r for r in summary_rows({"s": groups})}
+    assert set(rows) == {"dg+dropout", "dg"}  # only DropGrad settings; one family of two
+    assert rows["dg"]["p_all"] >= rows["dg"]["p"]
+    assert "not than `dropout` alone" in rows["dg+dropout"]["verdict"]
+    assert "control `lr x sqrt(1-0.1)`" in rows["dg"]["verdict"]
+    groups = _fake_group({"none": 0.0, "dropout": 0.0, "dg+dropout": 0.0, "dg": 0.0, "lr x sqrt(1-0.1)": 0.0})
+    rows = {r["setting"]: r for r in summary_rows({"s": groups})}
+    assert all("equivalent within ±0.5" in r["verdict"] for r in rows.values())
+    assert pretty("dg+wd") == "DropGrad + weight decay" and pretty("ls") == "label smoothing"
+
+
+@pytest.mark.parametrize(
+    "suite,group,extra",
+    [
+        ("overfit", "1k noise40", ["train_subset=50", "hidden=8", "val_size=20", "input_noise="]),
+        ("rl", "cartpole", ["env_steps=256", "eval_episodes=1", "hidden=8"]),
+        ("generative", "vae", ["train_subset=50", "hidden=8", "latent=2", "val_size=20"]),
+    ],
+)
+def test_new_suites_run_from_the_command_line_on_tiny_settings(tmp_path, suite, group, extra, capsys):
+    if suite == "rl":
+        pytest.importorskip("stable_baselines3")
+    _fake_fashion_and_brown(tmp_path / "data")
+    args = ["suite", suite, "--seed-only", "0", "--group", group, "--results-dir", str(tmp_path / "r"), "--no-progress",
+            "--set", "epochs=1", f"data_dir={tmp_path / 'data'}", *extra]
+    assert main(args) == 0
+    runs = load_runs([str(tmp_path / "r" / f"{suite}.jsonl")])
+    expected = {run_id(c) for c in get_suite(suite) if c.seed == 0 and group in c.group}
+    assert len(runs) == len(expected) >= 7
+    assert all(r.env["torch_threads"] == 1 and "cpu_flags" in r.env for r in runs)
+    assert "baseline" in capsys.readouterr().out
