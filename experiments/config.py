@@ -118,7 +118,7 @@ class RunConfig:
     def uses_dropgrad(self) -> bool:
         return self.drop_rate > 0 or bool(self.layer_rates) or self.full_update_drop > 0
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

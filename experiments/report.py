@@ -103,7 +103,7 @@ class GroupStats:
     baseline: str
     metric: str  # "acc" or "ppl"
     higher: bool
-    settings: "OrderedDict[str, Setting]"
+    settings: OrderedDict[str, Setting]
 
     @property
     def expected(self) -> int:

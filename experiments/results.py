@@ -235,7 +235,7 @@ def run_suite(
         rf.append({"type": "start", "run": rid, "attempt": attempt, "config": dataclasses.asdict(cfg), "env": run_env})
         t0 = time.time()
         try:
-            summary = run_to_end(cfg, lambda m: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress)
+            summary = run_to_end(cfg, lambda m, rf=rf, rid=rid, attempt=attempt: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress)
         except (FloatingPointError, RuntimeError, ValueError) as exc:
             from .data import DatasetMissing
 
