@@ -62,17 +62,11 @@ def optimizer_class(cfg: RunConfig) -> tuple[type, dict]:
         return _NoisyAdam, {**eps, "grad_noise": cfg.grad_noise, "seed": cfg.seed}
     if not cfg.uses_dropgrad:
         return torch.optim.Adam, eps
-    from dropgrad import DropGrad
+    import dropgrad.optim
 
-    rate, seed = cfg.drop_rate, cfg.seed
-
-    class DropGradAdam(DropGrad):
-        """``DropGrad(Adam(params, lr, eps), drop_rate, seed)`` in stable-baselines3's class form."""
-
-        def __init__(self, params, lr: float = 1e-3, **kwargs):
-            super().__init__(torch.optim.Adam(params, lr=lr, **kwargs), drop_rate=rate, seed=seed)
-
-    return DropGradAdam, eps
+    # the class form: stable-baselines3 builds it as cls(params, lr=..., **kwargs); the same masks
+    # as DropGrad(torch.optim.Adam(params, lr, eps), drop_rate, seed) (tests/test_class_form.py)
+    return dropgrad.optim.Adam, {**eps, "drop_rate": cfg.drop_rate, "seed": cfg.seed}
 
 
 def _agent(cfg: RunConfig, env_id: str):

@@ -414,7 +414,10 @@ def test_rl_ppo_uses_dropgrad_as_the_optimizer_class_and_records_returns():
     cls, kw = optimizer_class(cfg)
     agent = _agent(cfg, "CartPole-v1")
     opt = agent.policy.optimizer
-    assert isinstance(opt, DropGrad) and type(opt).__name__ == cls.__name__ == "DropGradAdam" and kw["eps"] == 1e-5
+    import dropgrad.optim
+
+    assert isinstance(opt, DropGrad) and type(opt) is cls is dropgrad.optim.Adam and kw["eps"] == 1e-5
+    assert opt.drop_rate == 0.3 and opt.seed == cfg.seed
     assert opt.param_groups[0]["eps"] == 1e-5 and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert optimizer_class(cfg.replace(drop_rate=0.0))[0] is torch.optim.Adam
     assert optimizer_class(cfg.replace(drop_rate=0.0, grad_noise=0.3))[0].__name__ == "_NoisyAdam"
