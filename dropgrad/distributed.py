@@ -22,9 +22,10 @@ Supported layouts:
 
 - DDP (``DistributedDataParallel``): gradients are all-reduced before
   ``step()``, every rank masks the same full gradient the same way.
-- FSDP2 (``fully_shard``) and other DTensor gradients: each rank masks only its
-  local shard (``Shard`` and ``Replicate`` placements on any mesh; ``Partial``
-  and strided shards are refused with an error).
+- FSDP2 (``fully_shard``), tensor parallelism and both together (FSDP2 + TP's
+  ``_StridedShard``): each rank masks only its local shard, at its elements'
+  positions in the full parameter (``Shard``, ``_StridedShard`` and
+  ``Replicate`` placements on any mesh; ``Partial`` is refused with an error).
 - ``DropGrad(ZeroRedundancyOptimizer(...))``: every rank sees the full
   ``param_groups``; only the parameters this rank owns (and steps) are masked.
 - :func:`masked_allreduce_hook`: an optional DDP communication hook that masks

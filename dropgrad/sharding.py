@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import sys
+from typing import Any
 
 import torch
 
-__all__ = ["local_shards", "zero_owned_param_ids", "dtensor_types"]
+__all__ = ["local_shards", "held_indices", "zero_owned_param_ids", "dtensor_types"]
 
 
 # ---------------------------------------------------------------------- shards
@@ -38,30 +39,35 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     """The pieces of ``grad`` this rank holds, each with its element offset in the full tensor.
 
     A plain tensor is one piece at offset 0. A DTensor (FSDP2's gradients,
-    tensor parallelism) yields views of its local tensor, each covering a
-    contiguous range of the full tensor's row-major elements: one piece for
-    ``Shard(0)`` (FSDP2's layout, also when uneven: torch.chunk sizes, possibly
-    empty), one per leading index for ``Shard(d)`` with ``d > 0``, the whole
-    local tensor for ``Replicate``. Masking piece ``t`` with ``offsets=off``
-    gives exactly the matching slice of the single-process mask.
+    tensor parallelism, both together) yields views of its local tensor, each
+    covering a contiguous range of the full tensor's row-major elements: one
+    piece for ``Shard(0)`` (FSDP2's layout, also when uneven: torch.chunk
+    sizes, possibly empty), one per leading index for ``Shard(d)`` with
+    ``d > 0``, the whole local tensor for ``Replicate``, on any mesh. Strided
+    shards (``_StridedShard``, what ``fully_shard`` puts on a tensor-parallel
+    parameter) are mapped through the placement's own split: per tensor dim,
+    the global indices this rank holds, and one piece per run of consecutive
+    indices. Masking piece ``t`` with ``offsets=off`` gives exactly the
+    matching slice of the single-process mask.
 
     Raises:
-        ValueError: a placement whose local data is not a box of the full
-            tensor (``Partial``: not yet reduced; strided shards) or a local
-            tensor that does not have the shape its placements imply.
+        ValueError: a placement whose local data are not elements of the full
+            tensor (``Partial``: not yet reduced) or that this function does not
+            know how to split, or a local tensor that does not have the shape
+            its placements imply.
     """
     types = dtensor_types()
     if types is None or not isinstance(grad, types[0]):
         return [(grad, 0)]
     _, shard_type, replicate_type = types
-    for placement in grad.placements:
-        # exact types: _StridedShard subclasses Shard but its local data is interleaved
-        if type(placement) is not shard_type and type(placement) is not replicate_type:
-            raise ValueError(
-                f"DropGrad can mask a DTensor gradient only with Shard/Replicate placements, got "
-                f"{grad.placements} ({placement!r} does not map to a contiguous range of the full tensor). "
-                "Redistribute the gradient (e.g. to Shard(0)) before the optimizer step."
-            )
+    local = grad._local_tensor
+    full_shape = tuple(grad.shape)
+    if not all(type(p) is shard_type or type(p) is replicate_type for p in grad.placements):
+        # _StridedShard (FSDP2 on a tensor-parallel parameter), Partial (refused there) and anything else
+        indices = held_indices(full_shape, grad.device_mesh.shape, grad.device_mesh.get_coordinate(),
+                               grad.placements)
+        _check_local_shape(local, tuple(len(i) for i in indices), grad)
+        return _index_pieces(local, full_shape, indices)
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
     except ImportError:  # torch 2.4
@@ -69,23 +75,14 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
             compute_local_shape_and_global_offset,
         )
 
-    local = grad._local_tensor
-    full_shape = tuple(grad.shape)
     local_shape, offset = compute_local_shape_and_global_offset(full_shape, grad.device_mesh, grad.placements)
-    if tuple(local.shape) != tuple(local_shape):
-        raise ValueError(
-            f"DTensor gradient has a local tensor of shape {tuple(local.shape)}, but its placements "
-            f"{grad.placements} on mesh {grad.device_mesh} imply {tuple(local_shape)}; DropGrad cannot map "
-            "its elements to the full tensor"
-        )
+    _check_local_shape(local, tuple(local_shape), grad)
     if local.numel() == 0:
         return []
     # Element strides of the full tensor (row-major) and the innermost dim that is
     # only partly held: from it on, the held elements of one leading index are a
     # contiguous range of the full tensor.
-    strides = [1] * len(full_shape)
-    for d in range(len(full_shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * full_shape[d + 1]
+    strides = _strides(full_shape)
     partial = [d for d in range(len(full_shape)) if local_shape[d] != full_shape[d]]
     if not partial:
         return [(local, 0)]
@@ -97,6 +94,92 @@ def local_shards(grad: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     for lead in itertools.product(*(range(n) for n in local_shape[:k])):
         start = base + sum((offset[d] + i) * strides[d] for d, i in enumerate(lead))
         pieces.append((local[lead], start))
+    return pieces
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def _check_local_shape(local: torch.Tensor, expected: tuple[int, ...], grad: Any) -> None:
+    if tuple(local.shape) != expected:
+        raise ValueError(
+            f"DTensor gradient has a local tensor of shape {tuple(local.shape)}, but its placements "
+            f"{grad.placements} on mesh {grad.device_mesh} imply {expected}; DropGrad cannot map "
+            "its elements to the full tensor"
+        )
+
+
+def held_indices(
+    full_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: list[int] | None,
+    placements: Any,
+) -> list[torch.Tensor]:
+    """Per tensor dim, the global indices (int64, in local order) that mesh ``coordinate`` holds.
+
+    The placements are applied left to right over the mesh dims, as
+    ``distribute_tensor`` applies them, each through its own split
+    (``placement._split_tensor``: ``torch.chunk`` for ``Shard``, the interleaved
+    split for ``_StridedShard(dim, split_factor)``) of the indices still held on
+    its tensor dim. ``Replicate`` leaves them as they are. A rank outside the
+    mesh (``coordinate`` None) holds nothing.
+
+    Raises:
+        ValueError: a placement that is neither ``Replicate`` nor a split of a
+            tensor dim (``Partial``: its local values are not the full tensor's).
+    """
+    if coordinate is None:
+        return [torch.zeros(0, dtype=torch.int64) for _ in full_shape]
+    indices = [torch.arange(n, dtype=torch.int64) for n in full_shape]
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            continue
+        split = getattr(placement, "_split_tensor", None)
+        if placement.is_partial() or split is None or not isinstance(getattr(placement, "dim", None), int):
+            raise ValueError(
+                f"DropGrad can mask a DTensor gradient only with Shard, _StridedShard or Replicate placements, "
+                f"got {placement!r} on mesh dim {mesh_dim} of {tuple(placements)}: its local values are not "
+                "elements of the full tensor (Partial: not yet reduced). Redistribute the gradient (e.g. to "
+                "Shard(0)) before the optimizer step."
+            )
+        d = placement.dim + len(full_shape) if placement.dim < 0 else placement.dim
+        # the placement splits tensor dim d: give it the held indices laid along dim d
+        held = indices[d].view([1] * d + [-1])
+        chunks, _ = split(held, mesh_shape[mesh_dim], with_padding=False, contiguous=False)
+        indices[d] = chunks[coordinate[mesh_dim]].reshape(-1)
+    return indices
+
+
+def _index_pieces(local: torch.Tensor, full_shape: tuple[int, ...],
+                  indices: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Pieces of ``local`` (whose dim ``d`` holds global indices ``indices[d]``) over contiguous full ranges."""
+    if local.numel() == 0:
+        return []
+    partial = [d for d, idx in enumerate(indices) if len(idx) != full_shape[d]
+               or not torch.equal(idx, torch.arange(full_shape[d], dtype=idx.dtype))]
+    if not partial:
+        return [(local, 0)]
+    strides = _strides(full_shape)
+    k = partial[-1]  # the dims after k are held whole: a run of dim k's indices is one contiguous range
+    idx_k = indices[k].tolist()
+    runs = []  # (local start, length, global start) of each run of consecutive global indices
+    start = 0
+    for i in range(1, len(idx_k) + 1):
+        if i == len(idx_k) or idx_k[i] != idx_k[i - 1] + 1:
+            runs.append((start, i - start, idx_k[start]))
+            start = i
+    lead_indices = [indices[d].tolist() for d in range(k)]
+    pieces = []
+    for lead in itertools.product(*(range(len(ix)) for ix in lead_indices)):
+        base = sum(lead_indices[d][i] * strides[d] for d, i in enumerate(lead))
+        row = local[lead]
+        for local_start, length, global_start in runs:
+            piece = row if length == len(idx_k) else row.narrow(0, local_start, length)
+            pieces.append((piece, base + global_start * strides[k]))
     return pieces
 
 
