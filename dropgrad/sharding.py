@@ -9,12 +9,14 @@ single-process mask, and for the parameters a ZeroRedundancyOptimizer rank owns.
 from __future__ import annotations
 
 import itertools
+import operator
 import sys
 from typing import Any
 
 import torch
 
-__all__ = ["local_shards", "held_indices", "zero_owned_param_ids", "dtensor_types"]
+__all__ = ["local_shards", "held_indices", "zero_owned_param_ids", "dtensor_types", "refuse_flat_params",
+           "ParamRegistry"]
 
 
 # ---------------------------------------------------------------------- shards
@@ -202,3 +204,95 @@ def zero_owned_param_ids(optimizer: torch.optim.Optimizer) -> set[int] | None:
             "inside DDP's backward, before DropGrad.step() could mask the gradients; use overlap_with_ddp=False"
         )
     return {id(p) for group in optimizer.optim.param_groups for p in group["params"]}
+
+
+# ---------------------------------------------------------------------- flat buffers
+_USE_INSTEAD = (
+    "DropGrad is exact with DDP, FSDP2 (torch.distributed.fsdp.fully_shard), torch's "
+    "ZeroRedundancyOptimizer, tensor parallelism and DeepSpeed ZeRO stage 0 in fp32"
+)
+
+
+def refuse_flat_params(params: list[torch.Tensor], where: str) -> None:
+    """Refuse FSDP1's parameters (``FullyShardedDataParallel``), flattened or not.
+
+    FSDP1 marks its ``FlatParameter`` and, with ``use_orig_params=True``, every
+    original parameter it views into one (attribute ``_fsdp_flattened``). Either
+    way the optimizer sees a padded, flattened concatenation or a rank-dependent
+    1-D slice of it, so the element (and with ``FlatParameter``, the parameter)
+    indices of the masks would depend on the wrapping and the world size.
+
+    Raises:
+        ValueError: naming the first such parameter and what to use instead.
+    """
+    for j, p in enumerate(params):
+        if getattr(p, "_fsdp_flattened", False):
+            flat = getattr(p, "_is_flat_param", False)  # what isinstance(p, FlatParameter) tests
+            kind = "a FlatParameter" if flat else "a view into a FlatParameter"
+            raise ValueError(
+                f"{where}: parameter {j} (shape {tuple(p.shape)}) is {kind} of FSDP1 (FullyShardedDataParallel"
+                f"{'' if flat else ', use_orig_params=True'}): it is a flattened, padded "
+                "concatenation of parameters (or a rank-dependent slice of one), so DropGrad's masks would depend "
+                f"on the wrapping and the world size. Use FSDP2 (torch.distributed.fsdp.fully_shard) instead; "
+                f"{_USE_INSTEAD}."
+            )
+
+
+class ParamRegistry:
+    """The tensors DropGrad's masks refer to; :meth:`check` refuses others in their place.
+
+    A mask's parameter and element indices refer to the parameters DropGrad
+    was built with. Someone who swaps them for other tensors (DeepSpeed's ZeRO
+    stages 1-2 and its fp16/bf16 optimizers replace the client optimizer's
+    parameters by one flat partition per rank) would get masks that are
+    correlated across partitions and depend on the world size. What stays
+    allowed: param groups added later (``add_param_group``, on DropGrad or on
+    the wrapped optimizer: their tensors join the registry), and parameters
+    removed from or reordered within a group. A cheap identity check: no
+    tensor is read, and the common case is one pass of ``is`` comparisons.
+    """
+
+    def __init__(self, param_groups: list[dict]) -> None:
+        self._last: list[torch.Tensor] = []
+        self._groups = 0
+        self._known: dict[int, torch.Tensor] = {}  # strong references: an id is never reused under us
+        self.check(param_groups, adopt=True)
+
+    def check(self, param_groups: list[dict], adopt: bool = False) -> None:
+        """Raise if a group that existed at the last check holds a tensor never seen in one.
+
+        Raises:
+            ValueError: naming the group, the position and the shape of the
+                first foreign tensor (and DeepSpeed, when it is loaded), and
+                what to use instead.
+        """
+        current = [p for group in param_groups for p in group["params"]]
+        if len(current) == len(self._last) and len(param_groups) == self._groups \
+                and all(map(operator.is_, current, self._last)):
+            return
+        known = self._known
+        for i, group in enumerate(param_groups):
+            for k, p in enumerate(group["params"]):
+                if known.get(id(p)) is p:
+                    continue
+                if i >= self._groups or adopt:
+                    known[id(p)] = p  # a group added since the last check
+                    continue
+                raise ValueError(_foreign_param_message(i, k, p, len(known)))
+        self._last, self._groups = current, len(param_groups)
+
+
+def _foreign_param_message(group: int, position: int, p: torch.Tensor, known: int) -> str:
+    why = (
+        "DeepSpeed is loaded: its ZeRO stages 1 and 2, and its fp16/bf16 optimizers at any stage, replace the "
+        "client optimizer's parameters by flat fp32 partitions, one per rank"
+        if "deepspeed" in sys.modules
+        else "something (a flat-buffer engine such as DeepSpeed ZeRO-1/2, or code assigning to "
+        "param_groups[i]['params']) put it there"
+    )
+    return (
+        f"DropGrad's param_groups no longer hold the parameters it was built with: param_groups[{group}]['params']"
+        f"[{position}] (shape {tuple(p.shape)}) is none of the {known} tensors it was given. {why}. Masks drawn "
+        "on such tensors would be correlated across partitions and depend on the world size. "
+        f"{_USE_INSTEAD}; add parameters with add_param_group."
+    )

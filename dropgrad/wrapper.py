@@ -26,7 +26,7 @@ from .rates import (
     resolve_param_rates,
     validate_rate,
 )
-from .sharding import local_shards, zero_owned_param_ids
+from .sharding import ParamRegistry, local_shards, refuse_flat_params, zero_owned_param_ids
 
 __all__ = ["DropGrad"]
 
@@ -172,6 +172,8 @@ class DropGrad(torch.optim.Optimizer):
         self._param_rates: dict[int, Rate] = {}
         flat = self._flat_params()
         _refuse_duplicates(flat, "optimizer")
+        refuse_flat_params(flat, "optimizer")
+        self._registry = ParamRegistry(self.param_groups)  # refuses flat buffers swapped in (DeepSpeed ZeRO-1/2)
         if params is not None:
             names = collect_param_names(self.param_groups, model, named_parameters)
             self._param_rates = resolve_param_rates(params, flat, names)
@@ -220,7 +222,7 @@ class DropGrad(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         skip = {name for name in self.__dict__ if name.startswith("_optimizer_") and name.endswith("_hooks")}
-        skip.add("_handle")
+        skip.update(("_handle", "_registry"))  # the latter: rebuilt from param_groups on load
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -229,6 +231,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
+        self._registry = ParamRegistry(self.param_groups)
         for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
             if old in self.__dict__:
                 self.__dict__["_" + old] = self.__dict__.pop(old)
@@ -475,6 +478,7 @@ class DropGrad(torch.optim.Optimizer):
     # are excluded from tracing (a graph break each).
     @torch._disable_dynamo
     def _begin_step(self, mask_now: bool) -> bool:
+        self._registry.check(self.param_groups)
         if not self._seed_agreed:
             agree_seed_if_distributed(self)
         cache: dict[int, float] = {}
@@ -632,6 +636,7 @@ class DropGrad(torch.optim.Optimizer):
             new = [new] if isinstance(new, torch.Tensor) else list(new)
             param_group["params"] = new
             _refuse_duplicates(new, "add_param_group")
+            refuse_flat_params(new, "add_param_group")
         self.optimizer.add_param_group(param_group)
         if any(p.device.type == "cpu" for p in self.param_groups[-1]["params"]):
             _cpu_kernel.start_build()
