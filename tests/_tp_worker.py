@@ -1,7 +1,8 @@
 """One rank of the tensor-parallel tests in ``test_tensor_parallel.py`` (not collected by pytest).
 
 Run as ``python tests/_tp_worker.py RANK WORLD PORT OUTDIR SCENARIO[,SCENARIO...]``
-(4 ranks: a 2x2 ``("dp", "tp")`` mesh and a 1-D mesh of 4). Joins a gloo group
+(4 ranks: a 2x2 ``("dp", "tp")`` mesh and a 1-D mesh of 4). Also FSDP1's refusal
+(``test_flat_buffers.py``'s subject, here to save a launch). Joins a gloo group
 on 127.0.0.1, runs the scenarios in order and writes ``OUTDIR/rank<RANK>.json``
 after each one. Every check ends in a comparison with a single-process run that
 each rank computes itself: masks bitwise, training to float rounding.
@@ -14,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -219,8 +221,48 @@ def partial_refused():
             raise AssertionError(f"a gradient with {placements} was masked instead of refused")
 
 
+# ---------------------------------------------------------------------- FSDP1 (test_flat_buffers.py's subject,
+# run in this launch to save one: every rank must refuse its parameters, saying why and what to use)
+def _fsdp1(use_orig_params: bool) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation and CPU notices
+        return FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+
+
+def _expect_refusal(model: nn.Module, kind: str) -> None:
+    params = list(model.parameters())
+    if not any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise AssertionError("FSDP1 did not mark its parameters: the check would be blind")
+    try:
+        DropGrad(torch.optim.Adam(params, lr=0.05), drop_rate=0.5, seed=3)
+    except ValueError as exc:
+        text = str(exc)
+        for needed in (kind, "FSDP1", "world size", "fully_shard"):
+            if needed not in text:
+                raise AssertionError(f"{needed!r} missing from the error: {text}") from exc
+    else:
+        raise AssertionError(f"DropGrad accepted FSDP1's parameters ({kind})")
+
+
+def fsdp1_flat_refused():
+    model = _fsdp1(use_orig_params=False)
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    if not any(isinstance(p, FlatParameter) for p in model.parameters()):
+        raise AssertionError("no FlatParameter with use_orig_params=False")
+    _expect_refusal(model, "a FlatParameter")
+
+
+def fsdp1_orig_params_refused():
+    _expect_refusal(_fsdp1(use_orig_params=True), "a view into a FlatParameter")
+
+
 SCENARIOS = {f.__name__: f for f in (fsdp2_tp_masks, fsdp2_tp_train, tp_masks, tp_train, strided_layouts,
-                                     partial_refused)}
+                                     partial_refused, fsdp1_flat_refused, fsdp1_orig_params_refused)}
 
 
 def main() -> None:

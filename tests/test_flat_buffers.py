@@ -2,9 +2,10 @@
 
 A mask's indices refer to the parameters DropGrad was built with; a flat
 partition (DeepSpeed ZeRO-1/2, its fp16/bf16 optimizers) or an FSDP1 flat
-parameter would silently get masks that depend on the world size. The
-multi-process check runs FSDP1 itself on 2 gloo processes on CPU
-(``tests/_flat_worker.py``) and asserts the error text on every rank.
+parameter would silently get masks that depend on the world size. FSDP1 itself
+(on CPU, gloo) is refused on every rank in ``test_tensor_parallel.py``'s
+4-process launch (scenarios ``fsdp1_*`` of ``tests/_tp_worker.py``), which
+asserts the error text there.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ import copy
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from dropgrad import DropGrad
-
-WORKER = Path(__file__).with_name("_flat_worker.py")
 
 
 def _model():
@@ -109,14 +107,3 @@ def test_fsdp1_flat_parameters_and_their_views_are_refused_by_name():
     with pytest.raises(ValueError, match=r"add_param_group: parameter 0 .*FSDP1.*world size"):
         opt.add_param_group({"params": [p]})
     assert len(opt.param_groups) == 1
-
-
-@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
-                    reason="needs torch.distributed with gloo and a loopback interface named lo")
-def test_fsdp1_refused_on_every_rank(tmp_path):
-    from _flat_launch import launch
-
-    scenarios = ["fsdp1_flat_refused", "fsdp1_orig_params_refused"]
-    results = launch(WORKER, 2, scenarios, tmp_path, 120)
-    for name in scenarios:
-        assert results[name] == "ok", results[name]

@@ -23,7 +23,9 @@ import torch
 from dropgrad import sharding
 
 WORKER = Path(__file__).with_name("_tp_worker.py")
-SCENARIOS = ["strided_layouts", "partial_refused", "tp_masks", "tp_train", "fsdp2_tp_masks", "fsdp2_tp_train"]
+SCENARIOS = ["strided_layouts", "partial_refused", "tp_masks", "tp_train", "fsdp2_tp_masks", "fsdp2_tp_train",
+             # FSDP1 (FullyShardedDataParallel on CPU) refused on every rank: see test_flat_buffers.py
+             "fsdp1_flat_refused", "fsdp1_orig_params_refused"]
 LAUNCH_TIMEOUT_S = 240
 
 _TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
