@@ -174,14 +174,14 @@ class _Compactor:
         """``out[:] = src[keep]``."""
         if self.positions is not None:
             torch.index_select(src, 0, self.positions, out=out)
-        else:
+        elif self.index is not None:
             src.numpy().take(self.index, out=out.numpy())
 
     def scatter(self, values: torch.Tensor, out: torch.Tensor) -> None:
         """``out[keep] = values`` (in order); other elements are left as they are."""
         if self.positions is not None:
             out.index_copy_(0, self.positions, values)
-        else:
+        elif self.index is not None:
             out.numpy()[self.index] = values.contiguous().numpy()
 
 
