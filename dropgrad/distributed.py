@@ -79,6 +79,9 @@ class MaskedAllreduceState:
         self.bytes_dense = 0
         self._info_step: int | None = None
         self._info: dict[int, tuple[int, float]] = {}
+        # (device, bucket layout) -> the masked parameters' (starts, ends) in the bucket, on
+        # that device: made at a layout's first bucket, then reused (no upload per bucket)
+        self._bounds: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if not optimizer.seed_agreed:
             agree_seed(optimizer, process_group)
 
@@ -99,6 +102,34 @@ class MaskedAllreduceState:
             self._info_step = opt.step_count
         return self._info
 
+    def _entry_bounds(self, entries: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end offsets of the masked parameters in a bucket, as int64 tensors on its device.
+
+        Cached per layout: DDP hands the same buckets every step, so the upload
+        (a pinned, non-blocking copy on CUDA: no host sync) happens once per layout.
+        """
+        key = (like.device, like.numel(), tuple((off, n) for _, off, n, _, _ in entries))
+        bounds = self._bounds.get(key)
+        if bounds is None:
+            host = torch.tensor([off for _, off, *_ in entries] + [off + n for _, off, n, *_ in entries],
+                                dtype=torch.int64)
+            if like.device.type == "cuda":
+                dev = host.pin_memory().to(like.device, non_blocking=True)
+            else:
+                dev = host.to(like.device)
+            bounds = (dev[: len(entries)], dev[len(entries) :])
+            if len(self._bounds) >= _MAX_CACHED_LAYOUTS:  # rates changing between steps: new layouts
+                self._bounds.clear()
+            self._bounds[key] = bounds
+        return bounds
+
+
+#: CPU buckets of a dtype NumPy has are compacted through NumPy (see _Compactor); tests set
+#: this to False to run the device path (the one CUDA buckets take) on CPU tensors
+_NUMPY_ON_CPU = True
+#: bucket layouts whose entry offsets the hook state keeps on the device
+_MAX_CACHED_LAYOUTS = 256
+
 
 class _Compactor:
     """Gather the kept elements of a flat tensor into a compact one, and scatter them back.
@@ -108,13 +139,19 @@ class _Compactor:
     scatter (index assignment): 3-10x faster than torch's ``masked_select`` /
     ``masked_scatter_`` on CPU (measured on 4M-element buckets with random
     masks), at 8 bytes per kept element while the bucket is in flight.
-    Elsewhere (CUDA, bfloat16, no NumPy) torch's masked ops do the same.
+
+    Elsewhere (CUDA, bfloat16, no NumPy) the same is done with device ops:
+    ``torch.nonzero`` finds the positions, ``index_select`` gathers and
+    ``index_copy_`` scatters (both deterministic). ``nonzero`` is the one host
+    synchronization of a bucket on CUDA: the host must learn how many elements
+    are kept to size the compact tensor that goes to ``all_reduce``.
     """
 
     def __init__(self, keep: torch.Tensor, like: torch.Tensor) -> None:
         self.keep = keep
-        self.index = None
-        if like.device.type == "cpu" and like.is_contiguous() and like.dtype != torch.bfloat16:
+        self.index = None  # NumPy positions (host path)
+        self.positions: torch.Tensor | None = None  # int64 positions on the device (device path)
+        if _NUMPY_ON_CPU and like.device.type == "cpu" and like.is_contiguous() and like.dtype != torch.bfloat16:
             try:
                 import numpy as np  # noqa: PLC0415 - optional speed-up
 
@@ -122,21 +159,57 @@ class _Compactor:
                 self.index = np.flatnonzero(keep.numpy())
             except (ImportError, RuntimeError, TypeError):
                 self.index = None
-        self.count = len(self.index) if self.index is not None else int(torch.count_nonzero(keep))
+        if self.index is not None:
+            self.count = len(self.index)
+        else:
+            # the bucket's one host sync on CUDA: nonzero's result size is the kept count
+            self.positions = torch.nonzero(keep).flatten()
+            self.count = self.positions.numel()
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the NumPy (host) path serves this bucket."""
+        return self.index is not None
 
     def gather(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:] = src[keep]``."""
-        if self.index is None:
-            out.copy_(src[self.keep])
-        else:
+        if self.positions is not None:
+            torch.index_select(src, 0, self.positions, out=out)
+        elif self.index is not None:
             src.numpy().take(self.index, out=out.numpy())
 
     def scatter(self, values: torch.Tensor, out: torch.Tensor) -> None:
         """``out[keep] = values`` (in order); other elements are left as they are."""
-        if self.index is None:
-            out.masked_scatter_(self.keep, values)
-        else:
+        if self.positions is not None:
+            out.index_copy_(0, self.positions, values)
+        elif self.index is not None:
             out.numpy()[self.index] = values.contiguous().numpy()
+
+
+def _dropped_nonfinite_flags(
+    buffer: torch.Tensor, keep: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out[j] = 1`` if a dropped element of entry ``j`` (``buffer[starts[j]:ends[j]]``) is non-finite, else 0.
+
+    Device ops only (no host sync): a running count of the dropped non-finite
+    elements, differenced at the entries' bounds.
+    """
+    bad = torch.isfinite(buffer).logical_or_(keep).logical_not_()
+    count_dtype = torch.int32 if buffer.numel() < 2**31 - 1 else torch.int64
+    running = torch.zeros(buffer.numel() + 1, dtype=count_dtype, device=buffer.device)
+    torch.cumsum(bad, 0, dtype=count_dtype, out=running[1:])
+    out.copy_(running.index_select(0, ends).sub_(running.index_select(0, starts)).gt(0))
+
+
+def _fill_dropped_with_nan(
+    buffer: torch.Tensor, keep: torch.Tensor, flags: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+) -> None:
+    """Set the dropped elements of every entry ``j`` with ``flags[j] != 0`` to NaN (device ops only)."""
+    flagged = flags.ne(0).to(torch.int32)
+    marks = torch.zeros(buffer.numel() + 1, dtype=torch.int32, device=buffer.device)
+    marks.index_add_(0, starts, flagged).index_add_(0, ends, flagged.neg())
+    inside = marks.cumsum_(0)[:-1].gt(0)  # inside a flagged entry (entries never overlap)
+    buffer.masked_fill_(inside.logical_and_(keep.logical_not()), math.nan)
 
 
 def _plain_allreduce(state: MaskedAllreduceState, buffer: torch.Tensor, group: Any, world: int):
@@ -178,6 +251,14 @@ def masked_allreduce_hook(state: MaskedAllreduceState, bucket):  # noqa: ANN001,
     (LBFGS) is refused by DropGrad. Accumulation with or without ``no_sync()``
     is fine (a mask applied twice in one step is the same mask).
     Complex or sparse buckets are all-reduced unmasked and masked by ``step()``.
+
+    Host synchronizations: on CUDA, one per masked bucket (``torch.nonzero``,
+    which tells the host how many elements are kept, the size of the tensor
+    handed to ``all_reduce``); everything else, the non-finite flags and the
+    NaN fill included, stays on the device. Per bucket in flight it holds a
+    bool mask, the kept positions (8 bytes per kept element) and, while the
+    hook runs, a 4-byte running count per element. CPU buckets take NumPy
+    (no device to wait for).
 
     Args:
         state: a :class:`MaskedAllreduceState`.
@@ -240,12 +321,17 @@ def masked_allreduce_hook(state: MaskedAllreduceState, bucket):  # noqa: ANN001,
     compactor.gather(buffer, send[:n_kept])
     # one flag per masked parameter: 1 if a *dropped* element is non-finite here
     flags = send[n_kept:]
-    flags.zero_()
-    if not torch.isfinite(buffer.sum()):  # any NaN/inf element (or an overflowing sum) makes it non-finite
-        finite_or_kept = torch.isfinite(buffer).logical_or_(keep)
-        for j, (_, off, n, _, _) in enumerate(entries):
-            if not bool(finite_or_kept[off : off + n].all()):
-                flags[j] = 1
+    bounds = None
+    if compactor.on_host:  # CPU: reading values costs nothing, and finite buckets need one pass
+        flags.zero_()
+        if not torch.isfinite(buffer.sum()):  # any NaN/inf element (or an overflowing sum) makes it non-finite
+            finite_or_kept = torch.isfinite(buffer).logical_or_(keep)
+            for j, (_, off, n, _, _) in enumerate(entries):
+                if not bool(finite_or_kept[off : off + n].all()):
+                    flags[j] = 1
+    else:  # CUDA (and bfloat16): on the device, never read on the host
+        bounds = state._entry_bounds(entries, buffer)
+        _dropped_nonfinite_flags(buffer, keep, *bounds, out=flags)
     state.bytes_sent += send.numel() * send.element_size()
     opt.mark_premasked(p for p, *_ in entries)
 
@@ -253,9 +339,12 @@ def masked_allreduce_hook(state: MaskedAllreduceState, bucket):  # noqa: ANN001,
         reduced = fut.value()[0]
         buffer.zero_()
         compactor.scatter(reduced[:n_kept], buffer)
-        for j in torch.nonzero(reduced[n_kept:]).flatten().tolist():
-            _, off, n, _, _ = entries[j]
-            buffer[off : off + n].masked_fill_(~keep[off : off + n], math.nan)
+        if bounds is None:
+            for j in torch.nonzero(reduced[n_kept:]).flatten().tolist():
+                _, off, n, _, _ = entries[j]
+                buffer[off : off + n].masked_fill_(~keep[off : off + n], math.nan)
+        else:
+            _fill_dropped_with_nan(buffer, keep, reduced[n_kept:], *bounds)
         return buffer
 
     return dist.all_reduce(send, group=group, async_op=True).get_future().then(unpack)
