@@ -261,17 +261,17 @@ def lightning(mode: str) -> None:
 
     name = "lightning"
     ckpt = OUT / name / f"ckpt-{mode}"
-    per_epoch = EVERY  # one checkpoint per epoch: resuming starts a fresh, deterministic epoch
-    xs, ys = zip(*(batch(s) for s in range(per_epoch)))
-    dataset = TensorDataset(torch.cat(xs), torch.cat(ys))  # the sampler hands rank r rows r, r+2, ...
+    # the batch is a function of the global step, not of the loader's position: Lightning restarts a
+    # plain DataLoader from its beginning when it resumes mid-epoch
+    steps = TensorDataset(torch.arange(STEPS * WORLD))
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = make_model()
 
-        def training_step(self, b, _):
-            return loss_of(self.net, *b)
+        def training_step(self, _batch, _index):
+            return loss_of(self.net, *batch(self.trainer.global_step, RANK, WORLD))
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=0.05)
@@ -282,15 +282,15 @@ def lightning(mode: str) -> None:
 
     torch.manual_seed(1000 + RANK)  # the callback draws its seed here: agreed at the first step
     callback = DropGradCallback(drop_rate=LinearDropRateScheduler(0.1, 0.6, num_steps=STEPS), log=False)
-    saver = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt), every_n_epochs=1, save_top_k=-1,
-                                         filename="{epoch}-{step}", save_on_train_epoch_end=True)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt), every_n_train_steps=EVERY, save_top_k=-1,
+                                         filename="{step}")
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=STEPS, callbacks=[callback,
                          saver, Killer()], logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, deterministic=True)
     module = Module()
     found = sorted(ckpt.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1])) if mode == "kill" else []
     resume = str(found[-1]) if found else None
-    loader = DataLoader(dataset, batch_size=BATCH // WORLD, shuffle=False)
+    loader = DataLoader(steps, batch_size=1, shuffle=False)
     trainer.fit(module, loader, ckpt_path=resume)
     assert trainer.global_step == STEPS, trainer.global_step
     slots = callback.hook.state_dict()["slots"]
