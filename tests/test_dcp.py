@@ -298,6 +298,7 @@ def test_fsdp2_checkpoint_reshards_to_one_process(runs):
         opt.zero_grad()
     got = _flat(model)
     # the 2-rank gradient is the mean of two half-batch means (reduce-scatter): float rounding only
+    # (measured: 6.0e-8 after 10 steps)
     diff = (got - ref["params"]).abs().max().item()
-    assert torch.allclose(got, ref["params"], rtol=0, atol=1e-5), f"max diff {diff:.3e}"
+    assert torch.allclose(got, ref["params"], rtol=0, atol=1e-6), f"max diff {diff:.3e}"
     assert not torch.equal(got, ref["without_stateful"])
