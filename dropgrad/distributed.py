@@ -41,11 +41,13 @@ import torch
 
 from . import masks as _masks
 from .agreement import agree_seed, check_consistency
+from .dcp import DropGradStateful
 from .functional import apply_masks_
 from .sharding import local_shards
 from .wrapper import DropGrad
 
 __all__ = [
+    "DropGradStateful",
     "agree_seed",
     "check_consistency",
     "local_shards",

@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint as _checkpoint
 from . import compiled
+from . import dcp as _dcp
 from . import masks as _masks
 from .agreement import agree_seed_if_distributed
 from .functional import apply_masks_, check_impl
@@ -160,6 +161,9 @@ class DropGrad(torch.optim.Optimizer):
         # id(param) -> step count for gradients a DDP comm hook already masked (without
         # the 1/(1-p) factor) for that step: dropgrad.distributed.masked_allreduce_hook
         self._premasked: dict[int, int] = {}
+        # None, or what DCP's loads left for the next step to settle: "missing" (DCP loaded the
+        # optimizer without DropGrad's state) or "loaded" (DropGrad's state was loaded since the last step)
+        self._dcp_load: str | None = None
         self.seed = _masks.draw_seed() if seed is None else _masks.check_seed(seed, "seed")
         self._step_count = 0
         self.last_step_skipped = False
@@ -232,6 +236,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
         self._registry = ParamRegistry(self.param_groups)
+        self.__dict__.setdefault("_dcp_load", None)
         for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
             if old in self.__dict__:
                 self.__dict__["_" + old] = self.__dict__.pop(old)
@@ -479,6 +484,8 @@ class DropGrad(torch.optim.Optimizer):
     @torch._disable_dynamo
     def _begin_step(self, mask_now: bool) -> bool:
         self._registry.check(self.param_groups)
+        if self._dcp_load is not None:
+            self._settle_dcp_load()
         if not self._seed_agreed:
             agree_seed_if_distributed(self)
         cache: dict[int, float] = {}
@@ -491,6 +498,20 @@ class DropGrad(torch.optim.Optimizer):
         if mask_now and not skip:
             self._mask_gradients(plan, 0)
         return skip
+
+    def _settle_dcp_load(self) -> None:
+        missing = self._dcp_load == "missing"
+        self._dcp_load = None
+        if missing:
+            warnings.warn(
+                "torch.distributed.checkpoint loaded this DropGrad's optimizer state without DropGrad's own "
+                "state (seed, step count, schedule positions; DCP's get_state_dict/set_state_dict keep only "
+                f"'state' and 'param_groups'): this step continues at step count {self._step_count} with seed "
+                f"{self.seed}, not where the checkpoint was taken. Put dropgrad.distributed.DropGradStateful(opt) "
+                "beside the model and optimizer in the dict given to dcp.save and dcp.load.",
+                UserWarning,
+                stacklevel=5,
+            )
 
     @torch._disable_dynamo
     def _mask_closure_gradients(self) -> None:
@@ -553,8 +574,13 @@ class DropGrad(torch.optim.Optimizer):
         An invalid rate (from any source) raises before anything changes.
 
         Calling the wrapped optimizer's own ``step()`` instead (for example
-        ``opt.optimizer.step()``) bypasses DropGrad: no masks, no clock.
+        ``opt.optimizer.step()``) bypasses DropGrad: no masks, no clock. So does
+        the step that ``torch.distributed.checkpoint`` takes on zero gradients
+        with ``lr=0`` to initialise an optimizer's state (see :mod:`dropgrad.dcp`):
+        the step count, schedules, full-update coin and statistics stay put.
         """
+        if _dcp.in_dcp_init_step():  # DCP's _init_optim_state: not a training step
+            return self.optimizer.step(closure)
         if closure is None and torch.compiler.is_compiling() and self._compilable():
             params = self._flat_params()
             indices = [j for j, p in enumerate(params) if p.grad is not None]
@@ -716,6 +742,12 @@ class DropGrad(torch.optim.Optimizer):
             for group, (has, rate) in zip(self.param_groups, group_rates):
                 if has:
                     group["drop_rate"] = rate
+        if plan is None and _dcp.in_dcp_optimizer_load():
+            # DCP never carries our state: DropGradStateful may load it before or after this;
+            # the next step warns if nothing did
+            if self._dcp_load is None:
+                self._dcp_load = "missing"
+        elif plan is None:
             warnings.warn(
                 "state_dict has no DropGrad state (saved from the bare optimizer?): the wrapped optimizer's "
                 "state was loaded; DropGrad's step count starts at 0 with its current seed and rates",
@@ -724,6 +756,7 @@ class DropGrad(torch.optim.Optimizer):
             )
         else:
             _checkpoint.apply_plan(self, plan, stacklevel=5)
+            self._dcp_load = "loaded"
         for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
             load_post_hook(self)
 
@@ -741,6 +774,7 @@ class DropGrad(torch.optim.Optimizer):
         Nothing is assigned unless every field is valid (see :mod:`dropgrad.checkpoint`).
         """
         _checkpoint.apply_plan(self, _checkpoint.plan_load(self, ours), stacklevel=3)
+        self._dcp_load = "loaded"  # a DCP load of the optimizer, before or after this, then needs no warning
 
     def _check_state(self, ours: Any) -> None:
         """Raise if ``ours`` is not a valid DropGrad state for this optimizer; assigns nothing."""
