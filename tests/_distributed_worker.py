@@ -320,9 +320,11 @@ def collective_fallback():
 def skip_first_step():
     """Unseeded DDP where rank 1 skips its first step(): rank 0 raises after the timeout instead of hanging.
 
-    Run in a launch of its own (DROPGRAD_AGREE_TIMEOUT_S=3): rank 0 reports and exits; rank 1, stuck in
-    DDP's all-reduce, must then fail (non-zero exit) when its peer is gone.
+    The last scenario of its launch (it ends it): rank 0 reports and exits; rank 1, stuck in DDP's
+    all-reduce, must then fail (non-zero exit) when its peer is gone. The agreement's timeout is set
+    to 3 s here through DROPGRAD_AGREE_TIMEOUT_S, which the first step reads when it agrees.
     """
+    os.environ["DROPGRAD_AGREE_TIMEOUT_S"] = "3"
     model = DDP(make_model())
     torch.manual_seed(1000 + RANK)
     opt = DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5)
@@ -341,7 +343,7 @@ def skip_first_step():
         waited = time.monotonic() - start  # rank 0: in its first step(); rank 1: in its second backward
         if RANK != 0:
             print(f"rank {RANK} failed after {waited:.1f} s: {exc}", flush=True)
-            raise
+            raise RuntimeError(f"rank {RANK} failed after {waited:.1f} s: {exc}") from exc
         assert "rank 1 did not reach DropGrad's first step within 3 s" in str(exc), str(exc)
         assert "every step" in str(exc) and "DROPGRAD_AGREE_TIMEOUT_S" in str(exc), str(exc)
         assert 3 <= waited < 15, f"rank 0 raised after {waited:.1f} s in step() (timeout 3 s)"

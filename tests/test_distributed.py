@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ SCENARIOS = {
         "comm_hook",
         "comm_hook_dtypes",
         "comm_hook_nonfinite",
+        "skip_first_step",  # last: it ends the launch on purpose (rank 1 fails); asserted on its own below
     ],
     # 4 processes share 2 cores: the cases where the world size changes the layout
     4: ["ddp_matches_single_process", "ddp_unseeded_agree", "subgroup_agreement", "zero_redundancy", "fsdp2",
@@ -128,7 +130,13 @@ def run_ranks(world: int, scenarios: list[str], outdir: Path, timeout_s: float, 
 def launch(world: int, scenarios: list[str], outdir: Path, timeout_s: float,
            env: dict[str, str] | None = None) -> dict[str, str]:
     """Run the scenarios on ``world`` fresh processes; ``{scenario: "ok" | what went wrong}``."""
-    per_rank, codes, timed_out, _ = run_ranks(world, scenarios, outdir, timeout_s, env)
+    return summarize(run_ranks(world, scenarios, outdir, timeout_s, env), scenarios, outdir, timeout_s)
+
+
+def summarize(ran, scenarios: list[str], outdir: Path, timeout_s: float) -> dict[str, str]:
+    """``{scenario: "ok" | what went wrong}`` from :func:`run_ranks`' result."""
+    per_rank, codes, timed_out, _ = ran
+    world = len(per_rank)
     results = {}
     for name in scenarios:
         outcomes = [res.get(name) for res in per_rank]
@@ -145,8 +153,15 @@ def launch(world: int, scenarios: list[str], outdir: Path, timeout_s: float,
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return launch(2, SCENARIOS[2], tmp_path_factory.mktemp("dist2"), LAUNCH_TIMEOUT_S[2])
+def world2_ranks(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("dist2")
+    return run_ranks(2, SCENARIOS[2], outdir, LAUNCH_TIMEOUT_S[2]), outdir
+
+
+@pytest.fixture(scope="module")
+def world2(world2_ranks):
+    ran, outdir = world2_ranks
+    return summarize(ran, SCENARIOS[2], outdir, LAUNCH_TIMEOUT_S[2])
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +170,7 @@ def world4(tmp_path_factory):
 
 
 @needs_dist
-@pytest.mark.parametrize("scenario", _params(2))
+@pytest.mark.parametrize("scenario", [s for s in _params(2) if s != "skip_first_step"])
 def test_two_processes(world2, scenario):
     assert world2[scenario] == "ok", world2[scenario]
 
@@ -166,29 +181,29 @@ def test_four_processes(world4, scenario):
     assert world4[scenario] == "ok", world4[scenario]
 
 
-SKIP_TIMEOUT_S = 3  # DropGrad's first-step agreement timeout in the skipped-step launch
-SKIP_PG_TIMEOUT_S = 40  # the process group's: the skipping rank fails by then at the latest
+PG_TIMEOUT_S = 60  # the workers' process group timeout (tests/_distributed_worker.py)
 
 
 @needs_dist
-def test_rank_that_skips_its_first_step_does_not_hang_the_others(tmp_path):
+def test_rank_that_skips_its_first_step_does_not_hang_the_others(world2_ranks):
     """Unseeded DDP, rank 1 skips its first step(): rank 0 names it after 3 s, rank 1 then fails; no hang.
 
-    Before the agreement went through the store, rank 0's all_gather_object met rank 1's
-    DDP all-reduce and both waited for the process group's timeout.
+    The last scenario of the 2-rank launch. Before the agreement went through the store, rank
+    0's all_gather_object met rank 1's DDP all-reduce and both waited for the process group's
+    timeout (checked once against the old agreement: both ranks failed after the 40 s it was set to).
     """
-    env = {"DROPGRAD_AGREE_TIMEOUT_S": str(SKIP_TIMEOUT_S), "DROPGRAD_TEST_PG_TIMEOUT_S": str(SKIP_PG_TIMEOUT_S)}
-    per_rank, codes, timed_out, elapsed = run_ranks(2, ["skip_first_step"], tmp_path, 90, env)
-    logs = "\n".join(f"rank {r} log:\n{(tmp_path / f'rank{r}.log').read_text()[-2000:]}" for r in range(2))
+    (per_rank, codes, timed_out, _), outdir = world2_ranks
+    logs = "\n".join(f"rank {r} log:\n{(outdir / f'rank{r}.log').read_text()[-2000:]}" for r in range(2))
     assert not timed_out, logs
-    assert per_rank[0].get("skip_first_step") == "ok", f"{per_rank[0]}\n{logs}"
+    assert per_rank[0].get("skip_first_step") == "ok", f"{per_rank[0].get('skip_first_step')}\n{logs}"
     assert codes[0] == 0, (codes, logs)
     # rank 1 failed by itself (exit code 1 and a recorded traceback), not killed by the launcher
     assert codes[1] == 1, (codes, logs)
-    assert "Traceback" in per_rank[1].get("skip_first_step", ""), logs
-    assert "Connection closed by peer" in per_rank[1]["skip_first_step"], logs  # gloo's words for "rank 0 left"
-    # it failed when rank 0 left (gloo connection error), long before the process group's timeout
-    assert elapsed < SKIP_PG_TIMEOUT_S, (elapsed, logs)
+    outcome = per_rank[1].get("skip_first_step", "")
+    assert "Connection closed by peer" in outcome, logs  # gloo's words for "rank 0 left"
+    # when rank 0 left, long before the process group's timeout
+    waited = float(re.search(r"rank 1 failed after ([0-9.]+) s", outcome).group(1))
+    assert waited < PG_TIMEOUT_S / 2, (waited, logs)
 
 
 # ---------------------------------------------------------------------- single process
