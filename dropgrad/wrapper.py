@@ -178,12 +178,12 @@ class DropGrad(torch.optim.Optimizer):
         _refuse_duplicates(flat, "optimizer")
         refuse_flat_params(flat, "optimizer")
         self._registry = ParamRegistry(self.param_groups)  # refuses flat buffers swapped in (DeepSpeed ZeRO-1/2)
+        # names (from model=, named_parameters= or the groups' "param_names"), validated even when
+        # params= does not use them; kept in optimizer order for the rank checks (param_names())
+        names = collect_param_names(self.param_groups, model, named_parameters)
+        self._param_names: list[str | None] = [names.get(id(p)) for p in flat]
         if params is not None:
-            names = collect_param_names(self.param_groups, model, named_parameters)
             self._param_rates = resolve_param_rates(params, flat, names)
-        elif model is not None or named_parameters is not None:
-            # validated even when params= does not use them
-            collect_param_names(self.param_groups, model, named_parameters)
         self._handle = compiled.register(self._mask_compiled_step)
         if any(p.device.type == "cpu" for p in flat):
             _cpu_kernel.start_build()  # off the first step's critical path; a CUDA-only model never builds it
@@ -237,6 +237,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.setdefault("_premasked", {})
         self._registry = ParamRegistry(self.param_groups)
         self.__dict__.setdefault("_dcp_load", None)
+        self.__dict__.setdefault("_param_names", [])  # pickled before names were kept: unknown
         for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
             if old in self.__dict__:
                 self.__dict__["_" + old] = self.__dict__.pop(old)
@@ -255,6 +256,18 @@ class DropGrad(torch.optim.Optimizer):
 
     def _flat_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def param_names(self) -> list[str | None]:
+        """Every parameter's name, in optimizer order (``None`` where unknown).
+
+        Names come from ``model=``, ``named_parameters=`` or the param groups'
+        ``"param_names"`` (an optimizer built on ``model.named_parameters()``),
+        as they were at construction or :meth:`add_param_group`. The rank checks
+        of :mod:`dropgrad.distributed` compare them, so that parameters listed in
+        a different order on some rank are named in the error.
+        """
+        count = sum(len(group["params"]) for group in self.param_groups)
+        return (self._param_names + [None] * count)[:count]
 
     # ------------------------------------------------------------------ rates
     @property
@@ -663,7 +676,13 @@ class DropGrad(torch.optim.Optimizer):
             param_group["params"] = new
             _refuse_duplicates(new, "add_param_group")
             refuse_flat_params(new, "add_param_group")
+        before = sum(len(group["params"]) for group in self.param_groups)
         self.optimizer.add_param_group(param_group)
+        added = self.param_groups[-1]
+        self._param_names = (self._param_names + [None] * before)[:before] + [
+            name if isinstance(name, str) else None
+            for name, _ in itertools.zip_longest(added.get("param_names", ()), added["params"])
+        ][: len(added["params"])]
         if any(p.device.type == "cpu" for p in self.param_groups[-1]["params"]):
             _cpu_kernel.start_build()
 

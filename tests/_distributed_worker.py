@@ -14,7 +14,9 @@ import datetime
 import json
 import os
 import sys
+import time
 import traceback
+import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -190,26 +192,164 @@ def ddp_drift_detected():
     raise AssertionError("replicas stayed identical with different seeds: the identity check is blind")
 
 
+def expect_error(fn, *needles: str) -> str:
+    """``fn()`` must raise a RuntimeError containing every needle, with the same text on every rank."""
+    try:
+        fn()
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"rank {RANK}: no error (expected one mentioning {needles})")
+    for needle in needles:
+        assert needle in message, f"rank {RANK}: {needle!r} not in the message:\n{message}"
+    everyone: list = [None] * WORLD
+    dist.all_gather_object(everyone, message)
+    for r, other in enumerate(everyone):
+        assert other == message, f"rank {r}'s message differs from rank {RANK}'s:\n{other}\n---\n{message}"
+    return message
+
+
 def mismatch_raises():
     model = make_model()
-    # rank-dependent rate, no seed: the first step's agreement must refuse on every rank
-    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1 + 0.1 * RANK)
+    # rank-dependent rate, no seed: the first step's agreement refuses on every rank, naming parameters and rates
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1 + 0.1 * RANK, model=model)
     loss_of(model, torch.randn(2, 5), torch.randn(2, 3)).backward()
-    try:
-        opt.step()
-    except RuntimeError as exc:
-        assert "differently across ranks" in str(exc) and "shapes_and_rates" in str(exc), str(exc)
-    else:
-        raise AssertionError("rank-dependent drop_rate did not raise")
+    expect_error(opt.step, "differently across ranks", "rank 1 (1 of 2) differs from rank 0",
+                 "parameter 0 ('0.weight', shape (7, 5)): drop rate 0.2 on rank 1, 0.1 on rank 0",
+                 "parameter 3 ('2.bias', shape (3,)): drop rate 0.2 on rank 1, 0.1 on rank 0")
+    # one parameter's rate differs (params= by name), seeded: check_consistency names that one only
+    rates = {"2.weight": 0.3 if RANK == 1 else 0.1}
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, params=rates, model=model, seed=4)
+    msg = expect_error(lambda: dgd.check_consistency(opt),
+                       "parameter 2 ('2.weight', shape (3, 7)): drop rate 0.3 on rank 1, 0.1 on rank 0")
+    assert "parameter 0 " not in msg and "seed" not in msg.split(". Build")[0], msg
     # the classic mistake: seed = base + rank; check_consistency catches it
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=42 + RANK)
+    expect_error(lambda: dgd.check_consistency(opt), "seed 43 on rank 1, 42 on rank 0", "seed=")
+
+
+def permutation_detected():
+    """Two same-shaped parameters in a different order on rank 1: refused, by values and by names."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    params = list(model.parameters())  # 0.weight, 0.bias, 1.weight, 1.bias: replicas on every rank
+    order = params if RANK == 0 else [params[2], params[1], params[0], params[3]]
+    # control: the same order on every rank passes (the values digests agree on replicas)
+    dgd.check_consistency(DropGrad(torch.optim.SGD(params, lr=0.1), drop_rate=0.1, seed=5))
+    # no names: the values give it away, and the message says where rank 1's values come from
+    opt = DropGrad(torch.optim.SGD(order, lr=0.1), drop_rate=0.1, seed=5)
+    expect_error(lambda: dgd.check_consistency(opt),
+                 "parameter 0 (shape (8, 8)): values differ between rank 1 and rank 0 (rank 1's parameter 0 holds "
+                 "the values of rank 0's parameter 2: are the parameters in a different order?)",
+                 "parameter 2 (shape (8, 8)): values differ")
+    # names known (model=), no seed: the first step's agreement refuses, naming them
+    opt = DropGrad(torch.optim.SGD(order, lr=0.1), drop_rate=0.1, model=model)
+    loss = model(torch.randn(2, 8)).pow(2).sum()
+    loss.backward()
+    expect_error(opt.step, "parameter 0: named '1.weight' on rank 1, '0.weight' on rank 0",
+                 "parameter 2: named '0.weight' on rank 1, '1.weight' on rank 0")
+    assert opt.step_count == 0 and not opt.seed_agreed
+
+
+def step_count_mismatch():
+    """A repeated step() call on one rank (seeded: no communication then) is caught by the next check."""
+    steps = 3
+    model = DDP(make_model())
+    opt = adam_dropgrad()(model)
+    dgd.check_consistency(opt)  # control: equal before
+    x, y = data(steps)
+    for s in range(steps):
+        loss_of(model, chunk(x[s, 0], RANK), chunk(y[s, 0], RANK)).backward()
+        opt.step()
+        if RANK == 1 and s == 1:
+            opt.step()  # repeated: no collective inside, so nothing hangs and nothing is noticed yet
+        opt.zero_grad()
+    expect_error(lambda: dgd.check_consistency(opt, timeout=30),
+                 "step count 4 on rank 1, 3 on rank 0 (a rank skipped or repeated a step() call)",
+                 "values differ between rank 1 and rank 0")
+
+
+def subgroup_agreement():
+    """Stages with different models agree within their groups (store keys scoped by the group's ranks)."""
+    pairs = [[0, 1], [2, 3]] if WORLD == 4 else [[0, 1]]
+    groups = [dist.new_group(ranks) for ranks in pairs]  # every rank creates every group, in order
+    stage = RANK // 2
+    model = make_model(width=7 + 2 * stage)
+    torch.manual_seed(1000 + RANK)
+    opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5)
+    dgd.agree_seed(opt, group=groups[stage])
+    assert opt.seed_agreed
+    torch.manual_seed(1000 + pairs[stage][0])
+    first = DropGrad(torch.optim.SGD([nn.Parameter(torch.zeros(1))]), drop_rate=0.5).seed
+    assert opt.seed == first, f"rank {RANK}: seed {opt.seed}, its group's first rank drew {first}"
+    for _ in range(2):  # repeated checks on a group: sequence numbers keep them apart
+        dgd.check_consistency(opt, group=groups[stage], timeout=30)
+    if WORLD == 4:  # over the world the stages differ: refused on every rank, naming the other stage's ranks
+        expect_error(lambda: dgd.check_consistency(opt), "ranks 2 and 3 (2 of 4) differ from rank 0",
+                     "parameter 0: shape (9, 5) on rank 2, (7, 5) on rank 0")
+    loss_of(model, torch.randn(2, 5), torch.randn(2, 3)).backward()
+    opt.step()  # agreed: no communication
+
+
+def collective_fallback():
+    """Without a store the same checks run over all_gather_object, with the same messages."""
+    from dropgrad import agreement
+
+    saved = agreement._default_store
+    agreement._default_store = lambda: None
     try:
-        dgd.check_consistency(opt)
+        model = make_model()
+        torch.manual_seed(1000 + RANK)
+        opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, model=model)
+        dgd.agree_seed(opt)
+        seeds: list = [None] * WORLD
+        dist.all_gather_object(seeds, opt.seed)
+        assert len(set(seeds)) == 1, seeds
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dgd.check_consistency(opt, timeout=5)
+        assert any("cannot apply" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        rates = {"2.weight": 0.3 if RANK == 1 else 0.5}
+        other = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, params=rates, model=model, seed=1)
+        expect_error(lambda: dgd.check_consistency(other),
+                     "parameter 2 ('2.weight', shape (3, 7)): drop rate 0.3 on rank 1, 0.5 on rank 0")
+    finally:
+        agreement._default_store = saved
+
+
+def skip_first_step():
+    """Unseeded DDP where rank 1 skips its first step(): rank 0 raises after the timeout instead of hanging.
+
+    The last scenario of its launch (it ends it): rank 0 reports and exits; rank 1, stuck in DDP's
+    all-reduce, must then fail (non-zero exit) when its peer is gone. The agreement's timeout is set
+    to 3 s here through DROPGRAD_AGREE_TIMEOUT_S, which the first step reads when it agrees.
+    """
+    os.environ["DROPGRAD_AGREE_TIMEOUT_S"] = "3"
+    model = DDP(make_model())
+    torch.manual_seed(1000 + RANK)
+    opt = DropGrad(torch.optim.Adam(model.parameters(), lr=0.05), drop_rate=0.5)
+    x, y = data(3)
+    start = time.monotonic()
+    try:
+        for s in range(3):
+            loss_of(model, chunk(x[s, 0], RANK), chunk(y[s, 0], RANK)).backward()
+            if RANK == 1 and s == 0:
+                opt.zero_grad()
+                continue  # skips its first step: its next backward's all-reduce meets rank 0 in the agreement
+            start = time.monotonic()
+            opt.step()
+            opt.zero_grad()
     except RuntimeError as exc:
-        assert "seed=" in str(exc), str(exc)
-    else:
-        raise AssertionError("rank-dependent seed did not raise in check_consistency")
-    dist.barrier()
+        waited = time.monotonic() - start  # rank 0: in its first step(); rank 1: in its second backward
+        if RANK != 0:
+            print(f"rank {RANK} failed after {waited:.1f} s: {exc}", flush=True)
+            raise RuntimeError(f"rank {RANK} failed after {waited:.1f} s: {exc}") from exc
+        assert "rank 1 did not reach DropGrad's first step within 3 s" in str(exc), str(exc)
+        assert "every step" in str(exc) and "DROPGRAD_AGREE_TIMEOUT_S" in str(exc), str(exc)
+        assert 3 <= waited < 15, f"rank 0 raised after {waited:.1f} s in step() (timeout 3 s)"
+        print(f"rank 0 raised after {waited:.1f} s", flush=True)
+        return
+    raise AssertionError(f"rank {RANK}: three steps went through although rank 1 skipped its first")
 
 
 def no_sync_accumulation():
@@ -406,7 +546,7 @@ def comm_hook_dtypes():
         runs = []
         for hook in (False, True):
             opt_fn = lambda m: DropGrad(torch.optim.SGD(m.parameters(), lr=0.1), drop_rate=0.5, seed=5)  # noqa: E731
-            model, opt, state = ddp_run(3, opt_fn, model_fn=lambda: Cast(dtype), hook=hook)
+            model, opt, state = ddp_run(3, opt_fn, model_fn=lambda dtype=dtype: Cast(dtype), hook=hook)
             runs.append(flat(model.parameters()))
         assert runs[1].dtype == dtype
         assert_replicas_identical(runs[1], f"hook params ({dtype})")
@@ -449,34 +589,41 @@ def comm_hook_w4():
 
 
 SCENARIOS = {f.__name__: f for f in [
-    ddp_matches_single_process, ddp_unseeded_agree, ddp_drift_detected, mismatch_raises, no_sync_accumulation,
+    ddp_matches_single_process, ddp_unseeded_agree, ddp_drift_detected, mismatch_raises, permutation_detected,
+    step_count_mismatch, subgroup_agreement, collective_fallback, skip_first_step, no_sync_accumulation,
     unused_parameters, zero_redundancy, fsdp2, dtensor_layouts, comm_hook, comm_hook_dtypes, comm_hook_nonfinite,
     comm_hook_w4,
 ]}
+# scenarios that leave a rank stuck on purpose: no barrier after them, the process exits at once
+ENDS_LAUNCH = {"skip_first_step"}
 
 
 def main() -> None:
     global RANK, WORLD
     rank, world, port, outdir, names = sys.argv[1:6]
     RANK, WORLD = int(rank), int(world)
+    pg_timeout = float(os.environ.get("DROPGRAD_TEST_PG_TIMEOUT_S", "60"))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=pg_timeout))
     results: dict[str, str] = {}
     path = os.path.join(outdir, f"rank{RANK}.json")
     failed = False
     for name in names.split(","):
+        began = time.monotonic()
         try:
             SCENARIOS[name]()
-            dist.barrier()
+            if name not in ENDS_LAUNCH:
+                dist.barrier()
             results[name] = "ok"
+            print(f"{name}: ok in {time.monotonic() - began:.1f} s", flush=True)
         except Exception:
             results[name] = traceback.format_exc()
             failed = True
         with open(path, "w") as f:
             json.dump(results, f)
-        if failed:
+        if failed or name in ENDS_LAUNCH:
             break  # peers may be stuck in a collective: the parent ends them
-    if not failed:
+    if not failed and not ENDS_LAUNCH & set(results):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(1 if failed else 0)
