@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from . import checkpoint as _checkpoint
 from . import compiled
@@ -37,6 +38,9 @@ _TWO32 = _masks.TWO32
 _is_sparse = operator.attrgetter("is_sparse")
 _get_grad = operator.attrgetter("grad")
 _PLAIN = {torch.Tensor}
+# torch's global optimizer step hooks (register_optimizer_step_pre_hook/post_hook): DropGrad.step runs them
+_GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
 
 
 def _refuse_duplicates(params: list[torch.Tensor], where: str) -> None:
@@ -120,7 +124,6 @@ class DropGrad(torch.optim.Optimizer):
         # which belong to the wrapped optimizer (see the properties below).
         self.optimizer = optimizer
         self._init_hook_dicts()
-        self._patch_step_function()
 
         if drop_rate_scheduler is not None:
             if not (is_schedule(drop_rate_scheduler) or callable(drop_rate_scheduler)):
@@ -169,6 +172,8 @@ class DropGrad(torch.optim.Optimizer):
         self.last_step_skipped = False
         # (step, skipped, default rate, [(param index, masked numel, rate)]) of the last step, for stats()
         self._last_step_record: tuple[int, bool, float | None, list[tuple[int, int, float]]] | None = None
+        # the plan of the step in progress (between _begin_step and _end_step), else None
+        self._pending_plan: list[tuple[int, torch.Tensor, float]] | None = None
 
         for i, group in enumerate(self.param_groups):
             if "drop_rate" in group:
@@ -235,6 +240,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
+        self.__dict__.setdefault("_pending_plan", None)
         self._registry = ParamRegistry(self.param_groups)
         self.__dict__.setdefault("_dcp_load", None)
         self.__dict__.setdefault("_param_names", [])  # pickled before names were kept: unknown
@@ -243,7 +249,6 @@ class DropGrad(torch.optim.Optimizer):
                 self.__dict__["_" + old] = self.__dict__.pop(old)
         self._handle = compiled.register(self._mask_compiled_step)
         self._init_hook_dicts()
-        self._patch_step_function()
 
     def __repr__(self) -> str:
         inner = repr(self.optimizer).replace("\n", "\n    ")
@@ -573,9 +578,14 @@ class DropGrad(torch.optim.Optimizer):
         self._mask_gradients(plan, 0, list[torch.Tensor | None](grads))
         self._end_step(False)
 
-    def _compilable(self) -> bool:
-        # what the custom op path serves; read by traced code, so each is a guard, not per-step work
-        return self._full_update_drop == 0.0 and not self._premasked and compiled.SUPPORTED
+    def _plain_step(self, closure: Any) -> bool:
+        # the path a compiled step can keep inside its graph: no closure, no full update drop, no
+        # comm-hook premasking, no step hooks; read by traced code, so each is a guard, not per-step work
+        return (
+            closure is None and self._full_update_drop == 0.0 and not self._premasked
+            and not self._optimizer_step_pre_hooks and not self._optimizer_step_post_hooks
+            and not _GLOBAL_PRE_HOOKS and not _GLOBAL_POST_HOOKS
+        )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Mask the gradients, then step the wrapped optimizer (or skip the step).
@@ -585,6 +595,8 @@ class DropGrad(torch.optim.Optimizer):
         A step skipped by full update drop still evaluates the closure and
         returns its loss, but leaves parameters and optimizer state untouched.
         An invalid rate (from any source) raises before anything changes.
+        Step pre- and post-hooks (``register_step_pre_hook``, and torch's global
+        optimizer hooks) run around it as for any ``torch.optim`` optimizer.
 
         Calling the wrapped optimizer's own ``step()`` instead (for example
         ``opt.optimizer.step()``) bypasses DropGrad: no masks, no clock. So does
@@ -592,15 +604,60 @@ class DropGrad(torch.optim.Optimizer):
         with ``lr=0`` to initialise an optimizer's state (see :mod:`dropgrad.dcp`):
         the step count, schedules, full-update coin and statistics stay put.
         """
-        if _dcp.in_dcp_init_step():  # DCP's _init_optim_state: not a training step
-            return self.optimizer.step(closure)
-        if closure is None and torch.compiler.is_compiling() and self._compilable():
+        # No torch.compiler.is_compiling() branch in this frame: Dynamo meets the
+        # wrapped step's own graph breaks once more for each frame above it that
+        # branches on it, so the choice between the custom op and the eager
+        # bookkeeping is made in _mask_before_step, a leaf.
+        if self._plain_step(closure):
+            self._mask_before_step()
+            loss = self.optimizer.step()  # attribute lookup: schedulers patch it
+            self._finish_step()
+            return loss
+        return self._general_step(closure)
+
+    def _mask_before_step(self) -> None:
+        if torch.compiler.is_compiling() and compiled.SUPPORTED:
             params = self._flat_params()
             indices = [j for j, p in enumerate(params) if p.grad is not None]
             grads = cast("list[torch.Tensor]", [params[j].grad for j in indices])
             if all(type(g) is torch.Tensor and not g.is_sparse for g in grads):
+                # plans, masks and advances the clock at run time (dropgrad.compiled)
                 compiled.mask_step_(grads, self._handle, indices)
-                return self.optimizer.step()
+                return
+        self._start_plain_step()
+
+    @torch._disable_dynamo
+    def _start_plain_step(self) -> None:
+        if _dcp.in_dcp_init_step():  # DCP's _init_optim_state: not a training step
+            return
+        self._begin_step(mask_now=True)  # never skips: full update drop is off on this path
+
+    def _finish_step(self) -> None:
+        if self._pending_plan is not None:  # None after the custom op and after DCP's initialising step
+            self._end_step(False)
+
+    def _general_step(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`step` with hooks, a closure, full update drop or premasked gradients."""
+        args: tuple[Any, ...] = (self,) if closure is None else (self, closure)
+        kwargs: dict[str, Any] = {}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            for pre_hook in itertools.chain(_GLOBAL_PRE_HOOKS.values(), self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"step pre-hook {pre_hook!r} must return None or a tuple (new_args, new_kwargs), got {result!r}"
+                        )
+                    args, kwargs = result
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            loss = self._step_body(closure)
+            for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(), _GLOBAL_POST_HOOKS.values()):
+                post_hook(self, args, kwargs)
+        return loss
+
+    def _step_body(self, closure: Callable[[], Any] | None) -> Any:
+        if _dcp.in_dcp_init_step():  # DCP's _init_optim_state: not a training step
+            return self.optimizer.step(closure)
         skip = self._begin_step(mask_now=closure is None)
         if skip:
             loss = None
