@@ -533,7 +533,8 @@ class DropGrad(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def _mask_closure_gradients(self) -> None:
-        self._mask_gradients(self._pending_plan, next(self._pending_evaluations))
+        pending = cast("list[tuple[int, torch.Tensor, float]]", self._pending_plan)  # inside a step
+        self._mask_gradients(pending, next(self._pending_evaluations))
 
     @torch._disable_dynamo
     def _end_step(self, skip: bool) -> None:
@@ -573,8 +574,9 @@ class DropGrad(torch.optim.Optimizer):
         if skip:  # the traced step checked that full update drop is off; it changed since
             self._end_step(skip)
             raise RuntimeError("full_update_drop was turned on under a compiled step; recompile (torch._dynamo.reset())")
-        position = {j: k for k, (j, _, _) in enumerate(self._pending_plan)}
-        plan = [self._pending_plan[position[j]] for j in indices]
+        pending = cast("list[tuple[int, torch.Tensor, float]]", self._pending_plan)  # set by _begin_step
+        position = {j: k for k, (j, _, _) in enumerate(pending)}
+        plan = [pending[position[j]] for j in indices]
         self._mask_gradients(plan, 0, list[torch.Tensor | None](grads))
         self._end_step(False)
 
