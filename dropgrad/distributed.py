@@ -6,7 +6,8 @@ long as they agree on four things:
 
 - the seed: an explicit ``seed=`` is taken on the user's word; a seed drawn at
   construction is replaced, at the first ``step()`` inside an initialized
-  process group, by rank 0's (:func:`agree_seed`, one small collective that
+  process group, by rank 0's (:func:`agree_seed`: one exchange through the
+  process group's store, never a collective that could meet a DDP bucket, which
   also checks the rest of this list and raises on every rank if it differs);
 - the step count, and the rates (both are part of the optimizer's state);
 - the parameter index: a parameter's position across ``param_groups``. DDP,
