@@ -553,8 +553,14 @@ def test_stats_sizes_with_none_and_sparse_gradients():
     assert st["expected_dropped_fraction"] == 0.5 and 0.0 <= st["dropped_fraction"] <= 1.0
     lin(torch.ones(2, 4)).sum().backward()
     opt.step()
-    record = opt._last_step_record[3]
-    assert [(i, n) for i, n, _ in record] == [(0, 12), (1, 12), (2, 3)]
+    # counted sizes, seen through the public stats: a sparse gradient counts its 3 x 4 stored
+    # values (not the 400-element table), the Linear its 12 + 3 elements
+    rates = {emb.weight: 0.1, lin.weight: 0.2, lin.bias: 0.3}
+    opt2 = DropGrad(torch.optim.SGD(list(emb.parameters()) + list(lin.parameters()), lr=0.0), params=rates, seed=0)
+    opt2.step()
+    st = opt2.stats()
+    assert (st["min_drop_rate"], st["max_drop_rate"]) == (0.1, 0.3)
+    assert st["expected_dropped_fraction"] == pytest.approx((12 * 0.1 + 12 * 0.2 + 3 * 0.3) / 27, rel=1e-12)
 
 
 # ---------------------------------------------------------------- checkpoints
