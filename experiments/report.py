@@ -169,8 +169,11 @@ def collect(configs: list[RunConfig], runs: dict[str, Run]) -> list[GroupStats]:
             groups[key] = GroupStats(c.suite, c.group, c.baseline, metric, higher, OrderedDict())
         g = groups[key]
         s = g.settings.setdefault(c.name, Setting(c.name, []))
+        rid = run_id(c)
+        if any(run_id(other) == rid for other in s.configs):
+            continue  # a suite may list one run twice (the rl suite's p=0 under the grid and the controls)
         s.configs.append(c)
-        r = runs.get(run_id(c))
+        r = runs.get(rid)
         if r is not None:
             s.runs[c.seed] = r
     return list(groups.values())
@@ -463,7 +466,7 @@ def _robust_table(g: GroupStats) -> str:
 def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
     """Sentences generated from the numbers: which settings differ from the baseline, and how reliably."""
     out = []
-    unit = "points" if g.metric == "acc" else "perplexity"
+    unit = {"acc": "points", "ppl": "perplexity", "nelbo": "nats of -ELBO", "return": "return"}.get(g.metric, g.metric)
     for when, label in (("best", "early-stopped"), ("final", "final-epoch")):
         for r in g.rows(when):
             if r["setting"] == g.baseline or not r["pairs"]:
