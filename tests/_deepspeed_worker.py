@@ -13,17 +13,16 @@ the first step, on every rank, naming DeepSpeed.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import sys
-import traceback
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from _flat_launch import run_scenarios  # noqa: E402  (this directory is sys.path[0])
 from torch import nn  # noqa: E402
 
 from dropgrad import DropGrad  # noqa: E402
@@ -144,7 +143,6 @@ def main() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401
-    import torch.distributed as dist
 
     # by sys.modules: the attribute deepspeed.comm.torch is torch itself (a star import)
     ds_comm_torch = sys.modules["deepspeed.comm.torch"]
@@ -154,25 +152,7 @@ def main() -> None:
     # Skipping it keeps the test independent of a compiler and of ~/.cache/torch_extensions.
     ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
-    results: dict[str, str] = {}
-    path = os.path.join(outdir, f"rank{RANK}.json")
-    failed = False
-    for name in names.split(","):
-        try:
-            SCENARIOS[name]()
-            dist.barrier()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-            failed = True
-        with open(path, "w") as f:
-            json.dump(results, f)
-        if failed:
-            break  # peers may be stuck in a collective: the parent ends them
-    if not failed:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(1 if failed else 0)
+    run_scenarios(SCENARIOS, names, RANK, outdir)
 
 
 if __name__ == "__main__":

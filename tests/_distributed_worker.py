@@ -11,11 +11,9 @@ that each rank computes itself (tiny models: the reference is cheap).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
-import traceback
 import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -23,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _flat_launch import run_scenarios  # noqa: E402  (this directory is sys.path[0])
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -605,28 +604,7 @@ def main() -> None:
     pg_timeout = float(os.environ.get("DROPGRAD_TEST_PG_TIMEOUT_S", "60"))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=pg_timeout))
-    results: dict[str, str] = {}
-    path = os.path.join(outdir, f"rank{RANK}.json")
-    failed = False
-    for name in names.split(","):
-        began = time.monotonic()
-        try:
-            SCENARIOS[name]()
-            if name not in ENDS_LAUNCH:
-                dist.barrier()
-            results[name] = "ok"
-            print(f"{name}: ok in {time.monotonic() - began:.1f} s", flush=True)
-        except Exception:
-            results[name] = traceback.format_exc()
-            failed = True
-        with open(path, "w") as f:
-            json.dump(results, f)
-        if failed or name in ENDS_LAUNCH:
-            break  # peers may be stuck in a collective: the parent ends them
-    if not failed and not ENDS_LAUNCH & set(results):
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(1 if failed else 0)
+    run_scenarios(SCENARIOS, names, RANK, outdir, frozenset(ENDS_LAUNCH))
 
 
 if __name__ == "__main__":

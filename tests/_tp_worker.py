@@ -11,10 +11,8 @@ each rank computes itself: masks bitwise, training to float rounding.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
-import traceback
 import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -22,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _flat_launch import run_scenarios  # noqa: E402  (this directory is sys.path[0])
 from torch import nn  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -271,25 +270,7 @@ def main() -> None:
     RANK, WORLD = int(rank), int(world)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
-    results: dict[str, str] = {}
-    path = os.path.join(outdir, f"rank{RANK}.json")
-    failed = False
-    for name in names.split(","):
-        try:
-            SCENARIOS[name]()
-            dist.barrier()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-            failed = True
-        with open(path, "w") as f:
-            json.dump(results, f)
-        if failed:
-            break  # peers may be stuck in a collective: the parent ends them
-    if not failed:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(1 if failed else 0)
+    run_scenarios(SCENARIOS, names, RANK, outdir)
 
 
 if __name__ == "__main__":

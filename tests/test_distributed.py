@@ -9,15 +9,11 @@ or timeout.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import _flat_launch  # noqa: E402  (tests/ is on sys.path under pytest)
 import pytest
 import torch
 
@@ -73,83 +69,18 @@ needs_dist = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, scenarios: list[str], outdir: Path, timeout_s: float, env: dict[str, str] | None = None):
-    """Run the scenarios on ``world`` fresh processes.
-
-    Returns ``(per-rank {scenario: outcome}, exit codes, timed out, seconds)``;
-    the exit code of a rank killed here (because a peer failed or the launch
-    timed out) is negative.
-    """
-    env = {
-        **os.environ,
-        "GLOO_SOCKET_IFNAME": "lo",
-        "MASTER_ADDR": "127.0.0.1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(WORKER.parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        **(env or {}),
-    }
-    port = _free_port()
-    logs = [open(outdir / f"rank{r}.log", "w") for r in range(world)]  # noqa: SIM115 - closed in the finally below
-    procs = []
-    start = time.monotonic()
-    timed_out = False
-    try:
-        for r in range(world):
-            cmd = [sys.executable, str(WORKER), str(r), str(world), str(port), str(outdir), ",".join(scenarios)]
-            procs.append(subprocess.Popen(cmd, stdout=logs[r], stderr=subprocess.STDOUT, env=env))
-        deadline = start + timeout_s
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
-                break  # a rank failed: its peers may wait in a collective forever
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for p in procs:
-            p.wait(timeout=30)
-        for f in logs:
-            f.close()
-    elapsed = time.monotonic() - start
-    per_rank = []
-    for r in range(world):
-        path = outdir / f"rank{r}.json"
-        per_rank.append(json.loads(path.read_text()) if path.exists() else {})
-    return per_rank, [p.returncode for p in procs], timed_out, elapsed
+    """:func:`_flat_launch.run_ranks` on this file's worker."""
+    return _flat_launch.run_ranks(WORKER, world, scenarios, outdir, timeout_s, env)
 
 
 def launch(world: int, scenarios: list[str], outdir: Path, timeout_s: float,
            env: dict[str, str] | None = None) -> dict[str, str]:
     """Run the scenarios on ``world`` fresh processes; ``{scenario: "ok" | what went wrong}``."""
-    return summarize(run_ranks(world, scenarios, outdir, timeout_s, env), scenarios, outdir, timeout_s)
+    return _flat_launch.launch(WORKER, world, scenarios, outdir, timeout_s, env)
 
 
-def summarize(ran, scenarios: list[str], outdir: Path, timeout_s: float) -> dict[str, str]:
-    """``{scenario: "ok" | what went wrong}`` from :func:`run_ranks`' result."""
-    per_rank, codes, timed_out, _ = ran
-    world = len(per_rank)
-    results = {}
-    for name in scenarios:
-        outcomes = [res.get(name) for res in per_rank]
-        if all(o == "ok" for o in outcomes):
-            results[name] = "ok"
-            continue
-        failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o not in (None, "ok")]
-        if not failures:
-            tail = "\n".join(f"rank {r} log tail:\n{(outdir / f'rank{r}.log').read_text()[-1500:]}" for r in range(world))
-            why = f"timed out after {timeout_s} s" if timed_out else "an earlier scenario failed or a rank died"
-            failures = [f"not finished on every rank ({why}); exit codes {codes}\n{tail}"]
-        results[name] = "\n".join(failures)
-    return results
+summarize = _flat_launch.summarize
 
 
 @pytest.fixture(scope="module")
