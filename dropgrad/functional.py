@@ -93,7 +93,7 @@ def apply_masks_(
     scales: Sequence[float],
     offsets: Sequence[int] | None = None,
     *,
-    prefix: int,
+    prefix: int | torch.Tensor,
     stream: int = masks.MASKS_STREAM,
     impl: str | None = None,
 ) -> None:
@@ -110,7 +110,13 @@ def apply_masks_(
         thresholds: one :func:`dropgrad.masks.keep_threshold` per tensor, in ``[0, 2**32]``.
         scales: the survivors' factor per tensor (:func:`dropgrad.masks.survivor_scale`).
         offsets: element offset of each tensor inside the full tensor it is a shard of.
-        prefix: :func:`dropgrad.masks.step_prefix` of the seed and step.
+        prefix: :func:`dropgrad.masks.step_prefix` of the seed and step, or a *clock*:
+            an int64 tensor ``[seed, step]`` on the tensors' device, from which the
+            keys are derived where the tensors live. On CUDA the Triton kernel reads
+            it on the GPU, so the call can be captured in a CUDA graph and every
+            replay masks with the step the clock holds then
+            (``DropGrad(..., capturable=True)`` keeps one per device); other
+            kernels read it once on the host.
         stream: separates independent draws of the same counters.
         impl: ``None`` (the fastest kernel ready now), ``"reference"`` or ``"fused"``
             (the fast kernel of each tensor's device: C on CPU, waiting for its
@@ -132,6 +138,9 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
     if not grads:
         return
     _refuse_shared_memory(grads)
+    if isinstance(prefix, torch.Tensor):
+        _mask_clocked(grads, indices, thresholds, scales, offsets, numels, _check_clock(prefix), stream, impl)
+        return
     on_cuda = any(map(_get_is_cuda, grads))
     if on_cuda:
         cuda.refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
@@ -168,6 +177,47 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
             kernel = {"cpu": cpu.mask_, "cuda": cuda.mask_, "reference": reference.mask_}[name]
             kernel([grads[j] for j in members], [indices[j] for j in members], [thresholds[j] for j in members],
                    [scales[j] for j in members], [offsets[j] for j in members], prefix, stream)
+
+
+def _check_clock(clock: torch.Tensor) -> torch.Tensor:
+    if type(clock) is not torch.Tensor or clock.dtype != torch.int64 or tuple(clock.shape) != (2,):
+        raise TypeError(
+            "prefix must be an int (masks.step_prefix) or a clock (a plain int64 tensor [seed, step] of shape (2,)), "
+            f"got a {type(clock).__name__} of dtype {clock.dtype} and shape {tuple(clock.shape)}"
+        )
+    return clock
+
+
+def _mask_clocked(grads, indices, thresholds, scales, offsets, numels, clock, stream, impl) -> None:
+    """Mask under a clock tensor: the Triton kernel reads it on the device, every other kernel gets its prefix."""
+    fast_type = cuda.device_type()
+    fast = impl != "reference" and clock.device.type == fast_type and cuda.available()
+    served: list[int] = []
+    rest: list[int] = []
+    for j, g in enumerate(grads):
+        if g.device != clock.device:
+            raise ValueError(f"grads[{j}] is on {g.device} but the clock on {clock.device}: pass one clock per device")
+        if fast and offsets[j] <= MAX_OFFSET - numels[j] and unservable_reason(g, fast_type) is None:
+            served.append(j)
+        else:
+            rest.append(j)
+    if rest:
+        if cuda.capturing():
+            j = rest[0]
+            why = ("excluded by impl='reference'" if impl == "reference" else
+                   unservable_reason(grads[j], fast_type) or f"on {grads[j].device}, and {cuda.unavailable_reason()}")
+            raise RuntimeError(
+                f"cannot mask grads[{j}] inside a CUDA graph capture: it is {why}. Only the Triton kernel reads "
+                "the step from the device (contiguous float32/float64/float16/bfloat16 CUDA tensors); every other "
+                "kernel derives its keys on the host, and a captured graph would repeat them at every replay"
+            )
+        seed, step = clock.tolist()  # one read (a synchronization on a GPU); never inside a capture
+        pick = lambda xs: [xs[j] for j in rest]  # noqa: E731
+        _dispatch(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets),
+                  masks.step_prefix(seed, step), stream, impl)
+    if served:
+        pick = lambda xs: [xs[j] for j in served]  # noqa: E731
+        cuda.mask_clocked_(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets), clock, stream)
 
 
 def _fused_cpu_or_raise() -> bool:

@@ -54,6 +54,7 @@ __all__ = [
     "uniform_from_key",
     "MASKS_STREAM",
     "FULL_UPDATE_STREAM",
+    "clock_tensor",
 ]
 
 MASK_RESOLUTION_BITS = 32
@@ -96,6 +97,18 @@ def derive_key(seed: int, step: int, index: int, stream: int = MASKS_STREAM) -> 
 def step_prefix(seed: int, step: int) -> int:
     """The part of :func:`derive_key` shared by every tensor of one step (compute it once per step)."""
     return _splitmix64(_splitmix64(seed & _M64) ^ (step & _M64))
+
+
+def clock_tensor(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A *clock*: ``[seed, step]`` as an int64 tensor on ``device`` (the unsigned 64-bit values' bit patterns).
+
+    The mask kernels accept it in place of ``step_prefix(seed, step)``
+    (:func:`dropgrad.functional.apply_masks_`): they derive the prefix where the
+    tensor lives, so a step can advance on the device (``clock[1:].add_(1)``)
+    without the host, as a captured CUDA graph's replays need.
+    """
+    words = [v - (1 << 64) if v >> 63 else v for v in (seed & _M64, step & _M64)]
+    return torch.tensor(words, dtype=torch.int64, device=device)
 
 
 def key_from_prefix(prefix: int, index: int, stream: int = MASKS_STREAM) -> tuple[int, int]:

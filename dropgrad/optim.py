@@ -38,7 +38,7 @@ import torch
 
 from .wrapper import DropGrad
 
-__all__ = ["DROPGRAD_KWARGS", "DropGradOptimizer", "wrap"]
+__all__ = ["DROPGRAD_KWARGS", "SHARED_KWARGS", "DropGradOptimizer", "wrap"]
 
 DROPGRAD_KWARGS = (
     "drop_rate",
@@ -50,8 +50,12 @@ DROPGRAD_KWARGS = (
     "named_parameters",
     "drop_rate_scheduler",
     "impl",
+    "capturable",
 )
 """The keyword arguments the class form takes for DropGrad itself; the rest go to the base optimizer."""
+
+SHARED_KWARGS = ("capturable",)
+"""DropGrad's keyword arguments that also go to the base optimizer where it takes them."""
 
 _TORCH_OPTIMIZERS = tuple(
     name
@@ -130,6 +134,9 @@ class DropGradOptimizer(DropGrad):
         named_parameters: as in :class:`~dropgrad.DropGrad`.
         drop_rate_scheduler: as in :class:`~dropgrad.DropGrad`.
         impl: as in :class:`~dropgrad.DropGrad`.
+        capturable: as in :class:`~dropgrad.DropGrad`; passed on to the base optimizer
+            too where it takes ``capturable`` (Adam, AdamW, SGD, ...), so one flag makes
+            the whole step capturable in a CUDA graph.
         **kwargs: keyword arguments of the base optimizer (``lr``, ``betas``, ...).
 
     Raises:
@@ -153,6 +160,7 @@ class DropGradOptimizer(DropGrad):
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         drop_rate_scheduler: Any = None,
         impl: str | None = None,
+        capturable: bool = False,
         **kwargs: Any,
     ) -> None:
         base = type(self).base_optimizer
@@ -170,6 +178,8 @@ class DropGradOptimizer(DropGrad):
         params, pairs = _split_names(params)
         if pairs is not None:
             named_parameters = pairs if named_parameters is None else [*pairs, *named_parameters]
+        if "capturable" in accepted:
+            kwargs["capturable"] = capturable
         optimizer = base(params, *args, **kwargs)
         super().__init__(
             optimizer,
@@ -182,6 +192,7 @@ class DropGradOptimizer(DropGrad):
             named_parameters=named_parameters,
             drop_rate_scheduler=drop_rate_scheduler,
             impl=impl,
+            capturable=capturable,
         )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -274,6 +285,7 @@ _DROPGRAD_PARAMETERS = [
     inspect.Parameter("named_parameters", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any),
     inspect.Parameter("drop_rate_scheduler", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any),
     inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
+    inspect.Parameter("capturable", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),
 ]
 assert tuple(p.name for p in _DROPGRAD_PARAMETERS) == DROPGRAD_KWARGS
 
@@ -293,7 +305,14 @@ def _init_with_signature(base: type[torch.optim.Optimizer]) -> Any:
     except (TypeError, ValueError):
         return __init__
     head, keyword_only, var_keyword = [], [], []
+    after_shared = False
     for parameter in base_signature.parameters.values():
+        if parameter.name in SHARED_KWARGS:  # DropGrad's own parameter stands for both
+            after_shared = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            continue
+        if after_shared and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            # past a shared parameter the base's arguments are keyword arguments here
+            parameter = parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
         if parameter.name in DROPGRAD_KWARGS:
             raise TypeError(
                 f"{base.__qualname__} takes an argument named {parameter.name!r}, which is also DropGrad's; "

@@ -16,9 +16,10 @@ from . import checkpoint as _checkpoint
 from . import compiled
 from . import dcp as _dcp
 from . import masks as _masks
-from .agreement import agree_seed_if_distributed
+from .agreement import agree_seed_if_distributed, process_group_size
 from .functional import apply_masks_, check_impl
 from .kernels import cpu as _cpu_kernel
+from .kernels import cuda as _cuda_kernel
 from .rates import (
     Rate,
     collect_param_names,
@@ -91,6 +92,14 @@ class DropGrad(torch.optim.Optimizer):
         drop_rate_scheduler: a schedule for the default rate (same as passing it
             as ``drop_rate``).
         impl: mask kernel: ``None`` (fastest available), ``"reference"`` or ``"fused"``.
+        capturable: keep the step count on the gradients' devices as well (one
+            int64 *clock* ``[seed, step]`` per device, advanced by the step itself),
+            so that ``optimizer.step()`` can be captured in a CUDA graph and every
+            replay draws fresh masks, like ``torch.optim``'s ``capturable=True``
+            (give the wrapped optimizer ``capturable=True`` too where it has it).
+            Needs constant drop rates (numbers; no schedules or callables) and no
+            full update drop, since a graph replays what it captured. See
+            :doc:`/performance` ("CUDA graphs").
 
     A param group may carry its own ``"drop_rate"`` key (like ``"lr"``); rates
     resolve as: ``params`` entry, else the group's ``drop_rate``, else ``drop_rate``.
@@ -115,6 +124,7 @@ class DropGrad(torch.optim.Optimizer):
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         drop_rate_scheduler: Any = None,
         impl: str | None = None,
+        capturable: bool = False,
     ) -> None:
         if isinstance(optimizer, DropGrad):
             raise TypeError("optimizer is already a DropGrad; wrap the underlying optimizer once")
@@ -157,6 +167,13 @@ class DropGrad(torch.optim.Optimizer):
             raise TypeError(f"rescale must be a bool, got {rescale!r}")
         self.rescale = rescale
         self.impl = check_impl(impl)
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        self._capturable = capturable
+        # capturable: device -> clock (int64 [seed, step]) the masks read on that device; stale: the
+        # host's seed or step changed since the clocks were written (set_seed, load_state_dict)
+        self._clocks: dict[torch.device, torch.Tensor] = {}
+        self._clocks_stale = False
 
         # an explicit seed is the same on every rank on the user's word; a drawn one
         # is agreed across the process group at the first step (dropgrad.distributed)
@@ -190,6 +207,8 @@ class DropGrad(torch.optim.Optimizer):
         if params is not None:
             self._param_rates = resolve_param_rates(params, flat, names)
         self._handle = compiled.register(self._mask_compiled_step)
+        if capturable:
+            self._refuse_uncapturable()
         if any(p.device.type == "cpu" for p in flat):
             _cpu_kernel.start_build()  # off the first step's critical path; a CUDA-only model never builds it
 
@@ -244,6 +263,9 @@ class DropGrad(torch.optim.Optimizer):
         self._registry = ParamRegistry(self.param_groups)
         self.__dict__.setdefault("_dcp_load", None)
         self.__dict__.setdefault("_param_names", [])  # pickled before names were kept: unknown
+        self.__dict__.setdefault("_capturable", False)
+        self.__dict__.setdefault("_clocks", {})
+        self.__dict__["_clocks_stale"] = True  # unpickled clocks may lag the host's count
         for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
             if old in self.__dict__:
                 self.__dict__["_" + old] = self.__dict__.pop(old)
@@ -255,7 +277,7 @@ class DropGrad(torch.optim.Optimizer):
         fud = "drop_rate" if self._full_update_drop == "drop_rate" else self._full_update_drop
         return (
             f"DropGrad(drop_rate={self._drop_rate!r}, full_update_drop={fud!r}, rescale={self.rescale}, "
-            f"per_param_rates={len(self._param_rates)}, seed={self.seed}, step={self._step_count},\n"
+            f"per_param_rates={len(self._param_rates)}, seed={self.seed}, step={self.step_count},\n"
             f"    optimizer={inner})"
         )
 
@@ -312,6 +334,7 @@ class DropGrad(torch.optim.Optimizer):
     @seed.setter
     def seed(self, value: int) -> None:
         self._seed = _masks.check_seed(value, "seed")
+        self._clocks_stale = True
 
     @property
     def full_update_drop(self) -> Rate | bool:
@@ -320,8 +343,90 @@ class DropGrad(torch.optim.Optimizer):
 
     @property
     def step_count(self) -> int:
-        """Number of ``step()`` calls so far, skipped ones included (the schedules' clock)."""
+        """Number of ``step()`` calls so far, skipped ones included (the schedules' clock).
+
+        With ``capturable=True`` the count is read from the device clock (a
+        synchronization on a GPU), which the replays of a captured step advance.
+        """
+        self._read_clock()
         return self._step_count
+
+    @property
+    def capturable(self) -> bool:
+        """Whether the step count also lives on the devices, so that a step can be captured in a CUDA graph."""
+        return self._capturable
+
+    # ------------------------------------------------------------------ CUDA graphs (capturable=True)
+    def _refuse_uncapturable(self) -> None:
+        """capturable=True: every rate a number and no full update drop (a graph replays what it captured)."""
+        sources: list[tuple[str, Any]] = [("drop_rate", self._drop_rate)]
+        sources += [(f"param_groups[{i}]['drop_rate']", g["drop_rate"])
+                    for i, g in enumerate(self.param_groups) if "drop_rate" in g]
+        sources += [(f"the params rate of parameter {j}", r) for j, r in sorted(self._param_rates.items())]
+        for name, rate in sources:
+            if rate is not None and not isinstance(rate, (int, float)):
+                raise ValueError(
+                    f"capturable=True needs constant drop rates, but {name} is {rate!r}: a captured CUDA graph "
+                    "replays the rates it was captured with. Give a number, or use capturable=False"
+                )
+        if self._full_update_drop != 0.0:
+            raise ValueError(
+                f"capturable=True does not support full_update_drop (got {self.full_update_drop!r}): its coin is "
+                "drawn on the host, so a captured CUDA graph would replay one outcome forever"
+            )
+
+    def _read_clock(self) -> None:
+        """capturable: take the step count from the device clock, which replays of a graph advanced."""
+        if self._clocks and not self._clocks_stale and not _cuda_kernel.capturing():
+            self._step_count = int(next(iter(self._clocks.values()))[1])
+
+    def _prepare_clocks(self) -> None:
+        """capturable, at the start of a step: host and device clocks agree (or, capturing, already did)."""
+        if _cuda_kernel.capturing():
+            if self._clocks_stale or not self._clocks:
+                raise RuntimeError(
+                    "DropGrad(capturable=True): take at least one eager step() before capturing it in a CUDA graph, "
+                    "and one more after load_state_dict() or set_seed() (CUDA graphs want warm-up steps anyway): "
+                    "the eager step puts the seed and step count on the device, where the captured masks read them"
+                )
+            if not self._seed_agreed and process_group_size() > 1:
+                raise RuntimeError("DropGrad(capturable=True): the ranks agree on the seed at the first eager step; "
+                                   "take one before capturing")
+            return
+        if self._clocks_stale:
+            value = _masks.clock_tensor(self.seed, self._step_count)
+            for clock in self._clocks.values():
+                clock.copy_(value)
+            self._clocks_stale = False
+        else:
+            self._read_clock()
+
+    def _clock(self, device: torch.device) -> torch.Tensor:
+        clock = self._clocks.get(device)
+        if clock is None:
+            if _cuda_kernel.capturing():
+                raise RuntimeError(
+                    f"DropGrad(capturable=True): a gradient on {device} appeared inside a CUDA graph capture; take an "
+                    "eager step with every parameter's gradient on its device before capturing"
+                )
+            clock = self._clocks[device] = _masks.clock_tensor(self.seed, self._step_count, device)
+        return clock
+
+    def _apply_masks(self, grads: list[torch.Tensor], indices: Any, thresholds: Any, scales: Any, offsets: Any,
+                     stream: int) -> None:
+        """Mask through the dispatcher: keys from the host's counters, or (capturable) from each device's clock."""
+        if not self._capturable:
+            prefix = _masks.step_prefix(self.seed, self._step_count)  # the per-step half of every key
+            apply_masks_(grads, indices, thresholds, scales, offsets, prefix=prefix, stream=stream, impl=self.impl)
+            return
+        devices: dict[torch.device, list[int]] = {}
+        for j, g in enumerate(grads):
+            devices.setdefault(g.device, []).append(j)
+        offsets = [0] * len(grads) if offsets is None else offsets
+        for device, members in devices.items():
+            pick = lambda xs: [xs[j] for j in members]  # noqa: E731, B023 - used at once
+            apply_masks_(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets),
+                         prefix=self._clock(device), stream=stream, impl=self.impl)
 
     def _schedules(self) -> list[tuple[str, Any]]:
         """Every stateful schedule in use, with a stable name for checkpoints."""
@@ -447,14 +552,12 @@ class DropGrad(torch.optim.Optimizer):
         indices, params, rates = zip(*plan)
         if grads is None:
             grads = list(map(_get_grad, params))
-        prefix = _masks.step_prefix(self.seed, self._step_count)  # the per-step half of every key
         stream = _masks.MASKS_STREAM + evaluation
         owned = zero_owned_param_ids(self.optimizer)  # None: every parameter
         thresholds, scales = self._rate_tables(rates)
         if owned is None and not self._premasked and set(map(type, grads)) == _PLAIN and not any(map(_is_sparse, grads)):
             # the common case, list-wide: the dispatcher picks the kernel once for the whole step
-            apply_masks_(cast("list[torch.Tensor]", grads), indices, thresholds, scales, None,
-                         prefix=prefix, stream=stream, impl=self.impl)
+            self._apply_masks(cast("list[torch.Tensor]", grads), indices, thresholds, scales, None, stream)
             return
         pieces, piece_indices, piece_thresholds, piece_scales, offsets = [], [], [], [], []
         for index, p, g, thr, scale in zip(indices, params, grads, thresholds, scales):
@@ -482,8 +585,7 @@ class DropGrad(torch.optim.Optimizer):
                 piece_scales.append(scale)
                 offsets.append(offset)
         if pieces:
-            apply_masks_(pieces, piece_indices, piece_thresholds, piece_scales, offsets,
-                         prefix=prefix, stream=stream, impl=self.impl)
+            self._apply_masks(pieces, piece_indices, piece_thresholds, piece_scales, offsets, stream)
 
     def _skip_this_step(self, cache: dict[int, float]) -> bool:
         fud = self._drop_rate if self._full_update_drop == "drop_rate" else self._full_update_drop
@@ -506,6 +608,9 @@ class DropGrad(torch.optim.Optimizer):
             self._settle_dcp_load()
         if not self._seed_agreed:
             agree_seed_if_distributed(self)
+        if self._capturable:
+            self._refuse_uncapturable()
+            self._prepare_clocks()
         cache: dict[int, float] = {}
         plan = self._plan(cache)  # validates every rate before anything changes
         default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
@@ -557,6 +662,8 @@ class DropGrad(torch.optim.Optimizer):
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
         self.last_step_skipped = skip
         self._step_count += 1
+        for clock in self._clocks.values():  # capturable: the step advances on the device too (captured)
+            clock[1:].add_(1)
         seen: set[int] = set()
         for _, sched in self._schedules():
             if id(sched) not in seen:
@@ -716,6 +823,9 @@ class DropGrad(torch.optim.Optimizer):
         it all-reduces them; the coming :meth:`step` then only multiplies those
         gradients by the survivors' factor instead of masking them again.
         """
+        if self._capturable:
+            raise RuntimeError("DropGrad(capturable=True) cannot take gradients premasked by the masked all-reduce "
+                               "hook (the hook derives its keys on the host); use DDP's default all-reduce")
         step = self._step_count
         for p in params:
             self._premasked[id(p)] = step
@@ -747,6 +857,7 @@ class DropGrad(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _dropgrad_state(self) -> dict[str, Any]:
+        self._read_clock()
         return {
             "format": _checkpoint.STATE_FORMAT,
             "seed": self.seed,

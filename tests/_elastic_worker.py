@@ -339,6 +339,12 @@ def main() -> None:
             (OUT / name / f"{mode}-done").write_text("ok\n")
         dist.barrier()
     dist.destroy_process_group()
+    # no interpreter teardown: torch 2.13's DDP keeps gloo's worker threads alive past
+    # destroy_process_group, and one releasing a collective's Python tensors while Python
+    # finalizes aborts the process (see examples/ddp_example.py); _flat_launch does the same
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,63 @@ def main() -> None:
             for j, (g, e) in enumerate(zip(grads, expect)):
                 same(g, e, f"steps rates={rates} step={step} tensor {j}")
             count += len(grads)
+    count += check_clocked()
     print(f"checked {count} tensors: bitwise equal to the reference")
+
+
+def check_clocked() -> int:
+    """The capturable kernel (cuda.mask_clocked_: keys from a device clock) against the reference."""
+    count = 0
+    from dropgrad.kernels.triton_source import CHUNK
+
+    # clock words at the edges of uint64 (stored as int64 bit patterns), any index, offset, stream, dtype
+    for seed, step in ((0, 0), (123, 4), (2**64 - 1, 2**63 + 5), (2**63, 2**64 - 1)):
+        clock = masks.clock_tensor(seed, step)
+        prefix = masks.step_prefix(seed, step)
+        for stream in (0, 3, masks.FULL_UPDATE_STREAM):
+            indices = [0, 7, 2**31 + 7, 2**63 + 1]
+            grads = [_grad(n, d, seed=j) for j, (n, d) in
+                     enumerate(((1, torch.float32), (CHUNK + 3, torch.bfloat16), (5000, torch.float16), (777, torch.float64)))]
+            thr = [masks.keep_threshold(q) for q in (0.0, 0.3, 0.6, 1.0)]
+            scales = [masks.survivor_scale(t) for t in thr]
+            offsets = [0, TWO32 - 100, 2**40, 3]
+            ref = [g.clone() for g in grads]
+            reference.mask_(ref, indices, thr, scales, offsets, prefix, stream)
+            cuda.mask_clocked_(grads, indices, thr, scales, offsets, clock, stream)
+            for j, (a, b) in enumerate(zip(ref, grads)):
+                same(a, b, f"clocked seed={seed} step={step} stream={stream} tensor {j}")
+            count += len(grads)
+    # the clock advanced on the "device" (no host value changes): the next step's masks
+    clock = masks.clock_tensor(42, 0)
+    g0 = _grad(9000, torch.float32, seed=1)
+    for step in range(3):
+        g, ref = g0.clone(), g0.clone()
+        cuda.mask_clocked_([g], [5], [masks.keep_threshold(0.5)], [2.0], [0], clock, 0)
+        reference.mask_([ref], [5], [masks.keep_threshold(0.5)], [2.0], [0], masks.step_prefix(42, step), 0)
+        same(g, ref, f"clock advanced to step {step}")
+        clock[1:].add_(1)
+        count += 1
+    # DropGrad(capturable=True) on tensors this kernel serves (CPU under the interpreter) equals capturable=False
+    from dropgrad import DropGrad
+
+    def train(capturable: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.4, seed=11, capturable=capturable)
+        x = torch.randn(20, 16)
+        for _ in range(4):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()], opt
+
+    plain, _ = train(False)
+    captured, opt = train(True)
+    if opt.step_count != 4 or [int(v) for v in opt._clocks[torch.device("cpu")]] != [11, 4]:
+        sys.exit(f"capturable wrapper: clock {opt._clocks}, step_count {opt.step_count}")
+    for j, (a, b) in enumerate(zip(plain, captured)):
+        same(a, b, f"DropGrad(capturable=True) parameter {j}")
+    return count + len(plain)
 
 
 if __name__ == "__main__":

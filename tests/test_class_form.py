@@ -254,8 +254,8 @@ def test_every_dropgrad_keyword_is_accepted():
     kwargs = {
         "drop_rate": None, "param_drop_rates": {model.weight: 0.1}, "full_update_drop": 0.0, "seed": 0,
         "rescale": True, "model": model, "named_parameters": list(model.named_parameters()),
-        "drop_rate_scheduler": dropgrad.linear_schedule(0.0, 0.2, 10), "impl": "reference",
+        "drop_rate_scheduler": dropgrad.linear_schedule(0.0, 0.2, 10), "impl": "reference", "capturable": False,
     }
     assert set(kwargs) == set(DROPGRAD_KWARGS)
     opt = dropgrad.optim.SGD(model.parameters(), lr=0.1, **kwargs)
-    assert opt.impl == "reference" and len(opt.current_drop_rates()) == 2
+    assert opt.impl == "reference" and len(opt.current_drop_rates()) == 2 and not opt.capturable

@@ -230,11 +230,95 @@ def test_cuda_graph_capture_is_refused(monkeypatch):
     opt = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=0)
     model(torch.randn(4, 32, device="cuda")).sum().backward()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+    with pytest.raises(RuntimeError, match=r"CUDA graph capture.*capturable=True"):
         opt.step()
     for impl in (None, "fused", "reference"):
         with pytest.raises(RuntimeError, match="CUDA graph capture"):
             apply_masks_([torch.zeros(10, device="cuda")], [0], [1 << 31], [2.0], prefix=0, impl=impl)
+
+
+@needs_cuda
+def test_capturable_step_replays_fresh_masks_in_a_cuda_graph():
+    # DropGrad(capturable=True): the step count lives on the GPU, so a captured step draws the
+    # masks of a new step at every replay; each replay's update is compared with the reference
+    _triton_or_skip()
+    seed, rate, n = 3, 0.5, 300_001
+    p = torch.nn.Parameter(torch.zeros(n, device="cuda"))
+    p.grad = torch.zeros_like(p)
+    opt = DropGrad(torch.optim.SGD([p], lr=1.0), drop_rate=rate, seed=seed, capturable=True)
+    thr = masks.keep_threshold(rate)
+    scale = masks.survivor_scale(thr)
+
+    def expected(step):
+        ones = torch.ones(n, device="cuda")
+        reference.mask_([ones], [0], [thr], [scale], [0], masks.step_prefix(seed, step), 0)
+        return ones
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps (eager): steps 0 and 1
+        for step in range(2):
+            before = p.detach().clone()
+            p.grad.fill_(1.0)
+            opt.step()
+            _assert_same_bits(before - p.detach(), expected(step))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        p.grad.fill_(1.0)
+        opt.step()
+    for step in range(2, 6):  # each replay: the next step's masks
+        before = p.detach().clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same_bits(before - p.detach(), expected(step))
+    assert opt.step_count == 6
+    assert opt.state_dict()["dropgrad"]["step"] == 6
+    opt.step()  # an eager step after the replays continues the device's count
+    assert opt.step_count == 7
+
+
+@needs_cuda
+def test_capturable_training_step_in_a_cuda_graph_matches_eager_steps():
+    # the whole step (forward, backward, DropGrad(Adam(capturable=True))) captured and replayed,
+    # against the same capturable optimizer stepped eagerly
+    _triton_or_skip()
+
+    def build():
+        torch.manual_seed(0)
+        model = _model("cuda")
+        opt = DropGrad(torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True), drop_rate=0.3, seed=5,
+                       capturable=True)
+        return model, opt
+
+    x = torch.randn(16, 32, device="cuda")
+    eager_model, eager_opt = build()
+    for _ in range(8):
+        eager_opt.zero_grad(set_to_none=False)
+        eager_model(x).square().mean().backward()
+        eager_opt.step()
+    model, opt = build()
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            model(static_x).square().mean().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        model(static_x).square().mean().backward()
+        opt.step()
+    for _ in range(5):
+        opt.zero_grad(set_to_none=False)  # the captured backward accumulates into the same .grad tensors
+        graph.replay()
+    torch.cuda.synchronize()
+    assert opt.step_count == 8
+    for a, b in zip(eager_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # cuBLAS may pick other kernels under capture
 
 
 @needs_cuda

@@ -37,7 +37,8 @@ import torch
 
 from .common import M64, bump_versions
 
-__all__ = ["mask_", "available", "unavailable_reason", "device_type", "refuse_graph_capture"]
+__all__ = ["mask_", "mask_clocked_", "available", "unavailable_reason", "device_type", "capturing",
+           "refuse_graph_capture"]
 
 _launch = None
 _reason: str | None = None
@@ -77,12 +78,19 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def refuse_graph_capture() -> None:
     """Raise inside a CUDA graph capture: a captured step would replay the same keys, the same mask, forever."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing():
         raise RuntimeError(
-            "DropGrad masks CUDA gradients with keys that change every step; a CUDA graph capture would "
-            "freeze them (the same mask at every replay). Keep optimizer.step() outside the captured region."
+            "DropGrad masks CUDA gradients with keys that change every step; a CUDA graph capture of this call "
+            "would freeze them (the same mask at every replay). Build the optimizer with "
+            "DropGrad(..., capturable=True) (its step count lives on the GPU, so every replay draws fresh "
+            "masks), or keep optimizer.step() outside the captured region."
         )
 
 
@@ -197,6 +205,40 @@ def mask_(
         per_kind = {False: (thr, _scale_bits(scale, False)), True: (thr, _scale_bits(scale, True))}
     for launch in launches:
         launch(prefix & M64, stream & M64, None if per_kind is None else per_kind[launch.dtype == torch.float64])
+    bump_versions(grads)
+
+
+def mask_clocked_(
+    grads: Sequence[torch.Tensor],
+    indices: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    clock: torch.Tensor,
+    stream: int,
+) -> None:
+    """:func:`mask_` with the step's keys read from ``clock`` on the device: capturable in a CUDA graph.
+
+    ``clock`` is an int64 tensor ``[seed, step]`` (bit patterns of the
+    unsigned values) on the tensors' device; each tensor's keys are
+    ``key_from_prefix(step_prefix(seed, step), indices[j], stream)``, as
+    :func:`mask_` gets them from ``prefix``. One launch per tensor, every value
+    a kernel argument: nothing is uploaded and nothing synchronizes, so a graph
+    that captured these launches replays them with whatever step the clock then
+    holds. The caller advances the clock (``clock[1:].add_(1)``).
+    """
+    if _load() is None:
+        raise RuntimeError(f"the Triton mask kernel is unavailable: {_reason}")
+    from .triton_source import launch_clocked  # noqa: PLC0415
+
+    grads = list(grads)
+    for g, index, thr, scale, off in zip(grads, indices, thresholds, scales, offsets):
+        bits = _scale_bits(float(scale), g.dtype == torch.float64)
+        if g.device.type == "cuda" and g.device.index != torch.cuda.current_device():
+            with torch.cuda.device(g.device):
+                launch_clocked(g, clock, index & M64, stream & M64, off, int(thr), bits)
+        else:
+            launch_clocked(g, clock, index & M64, stream & M64, off, int(thr), bits)
     bump_versions(grads)
 
 
