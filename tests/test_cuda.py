@@ -78,6 +78,37 @@ def test_triton_kernel_in_the_interpreter():
     assert "checked" in res.stdout, res.stdout
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_both_triton_kernels_compile_to_a_gpu_binary_without_a_gpu(dtype):
+    # the interpreter runs the kernels' arithmetic in numpy; compiling them for an H100/H200
+    # (sm_90, Triton's own ptxas) checks what only the real compiler checks: types, casts and
+    # constexpr branches of both the table kernel and the clocked (capturable) one
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dropgrad.kernels import triton_source as ts
+
+    ptr = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    consts = {"OUT_DTYPE": ts._TYPES[dtype], "WIDE": dtype == torch.float64, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK}
+    scalars = dict.fromkeys(["prefix_lo", "prefix_hi", "stream_lo", "stream_hi", "thr_arg", "bits_lo", "bits_hi"], "i64")
+    kernels = {
+        "table": (ts._masks_kernel, {"table_ptr": "*i64", "chunks_ptr": "*i64", **scalars, **dict.fromkeys(
+            ["OUT_DTYPE", "WIDE", "UNIFORM", "COLS", "CHUNK", "BLOCK"], "constexpr")}, {**consts, "COLS": ts.COLS}),
+        "clocked": (ts._clocked_kernel, {"x_ptr": ptr, "clock_ptr": "*i64", **dict.fromkeys(
+            ["numel_arg", "index_lo", "index_hi", "stream_lo", "stream_hi", "off_lo", "off_hi", "thr_arg", "bits_lo",
+             "bits_hi"], "i64"), **dict.fromkeys(["OUT_DTYPE", "WIDE", "CHUNK", "BLOCK"], "constexpr")}, consts),
+    }
+    for name, (fn, signature, constexprs) in kernels.items():
+        for uniform in ((False, True) if name == "table" else (None,)):
+            extra = {} if uniform is None else {"UNIFORM": uniform}
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={**constexprs, **extra}),
+                                      target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm.get("cubin"), f"{name} kernel ({dtype}, uniform={uniform}): no cubin"
+
+
 # ------------------------------------------------------------ CUDA parity
 
 CHUNK_EDGES = [0, 1, 7, 1023, 1024, 4095, 4096, 4097, 16383, 16384, 16385, 100_003]
