@@ -496,6 +496,12 @@ def worker(args: argparse.Namespace) -> None:
             break  # failed on some ranks only: the others may be a collective behind
         # failed on every rank (a symmetric assertion): the collectives still match, go on
     dist.destroy_process_group()
+    # no interpreter teardown: torch 2.13's DDP keeps gloo's worker threads alive past
+    # destroy_process_group, and one still releasing a collective's Python tensors while
+    # Python finalizes aborts the process (see examples/ddp_example.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------- the launcher
