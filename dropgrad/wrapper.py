@@ -468,6 +468,8 @@ class DropGrad(torch.optim.Optimizer):
             return {"last_step": None, "skipped": False, "drop_rate": None, "min_drop_rate": None,
                     "max_drop_rate": None, "expected_dropped_fraction": None, "dropped_fraction": None}
         step, skipped, default, sizes = record
+        if self._clocks:  # capturable: replays of a captured step ran since (same plan: constant rates)
+            step = self.step_count - 1
         total = sum(n for _, n, _ in sizes)
         rates = [rate for _, _, rate in sizes]
         dropped = None

@@ -66,6 +66,16 @@ def test_the_device_clock_is_the_count_a_replay_advances():
     clock[1:].add_(1)  # what a replay's captured clock advance does
     assert opt.step_count == 3  # read from the device
     assert opt.state_dict()["dropgrad"]["step"] == 3
+    stats = opt.stats(exact=True)  # the step a replay took: index 2, its masks recounted
+    assert stats["last_step"] == 2
+    kept = 0
+    total = 0
+    for j, p in enumerate(model.parameters()):
+        rate = opt.current_drop_rates()[j]
+        key = masks.derive_key(21, 2, j)
+        kept += int(masks.keep_mask(p.numel(), key, masks.keep_threshold(rate)).sum())
+        total += p.numel()
+    assert stats["dropped_fraction"] == pytest.approx(1 - kept / total, abs=1e-12)
     # the next eager step uses step 3's masks: the same as a default-mode optimizer that took 3 steps
     ref_model = _model()
     ref_model.load_state_dict(model.state_dict())
