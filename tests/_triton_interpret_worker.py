@@ -179,8 +179,8 @@ def check_clocked() -> int:
 
     plain, _ = train(False)
     captured, opt = train(True)
-    if opt.step_count != 4 or [int(v) for v in opt._clocks[torch.device("cpu")]] != [11, 4]:
-        sys.exit(f"capturable wrapper: clock {opt._clocks}, step_count {opt.step_count}")
+    if opt.step_count != 4 or opt.state_dict()["dropgrad"]["step"] != 4:
+        sys.exit(f"capturable wrapper: step_count {opt.step_count}")
     for j, (a, b) in enumerate(zip(plain, captured)):
         same(a, b, f"DropGrad(capturable=True) parameter {j}")
     return count + len(plain)
