@@ -269,7 +269,7 @@ def apply_plan(opt: Any, plan: LoadPlan, stacklevel: int = 3) -> None:
     opt._seed = plan.seed
     opt._seed_agreed = plan.seed_agreed
     opt._step_count = plan.step
-    opt._clocks_stale = True  # capturable: the next eager step writes the loaded counters to the device
+    opt._clocks.mark_stale()  # capturable: the next eager step writes the loaded counters to the device
     opt.last_step_skipped = plan.last_step_skipped
     opt._rescale = plan.rescale
     opt._drop_rate = plan.drop_rate

@@ -17,9 +17,9 @@ from . import compiled
 from . import dcp as _dcp
 from . import masks as _masks
 from .agreement import agree_seed_if_distributed, process_group_size
+from .clocks import DeviceClocks, refuse_uncapturable
 from .functional import apply_masks_, check_impl
 from .kernels import cpu as _cpu_kernel
-from .kernels import cuda as _cuda_kernel
 from .rates import (
     Rate,
     collect_param_names,
@@ -170,10 +170,8 @@ class DropGrad(torch.optim.Optimizer):
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
         self._capturable = capturable
-        # capturable: device -> clock (int64 [seed, step]) the masks read on that device; stale: the
-        # host's seed or step changed since the clocks were written (set_seed, load_state_dict)
-        self._clocks: dict[torch.device, torch.Tensor] = {}
-        self._clocks_stale = False
+        # capturable: the clocks (int64 [seed, step]) the masks read on each device (dropgrad.clocks)
+        self._clocks = DeviceClocks()
 
         # an explicit seed is the same on every rank on the user's word; a drawn one
         # is agreed across the process group at the first step (dropgrad.distributed)
@@ -264,8 +262,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.setdefault("_dcp_load", None)
         self.__dict__.setdefault("_param_names", [])  # pickled before names were kept: unknown
         self.__dict__.setdefault("_capturable", False)
-        self.__dict__.setdefault("_clocks", {})
-        self.__dict__["_clocks_stale"] = True  # unpickled clocks may lag the host's count
+        self.__dict__.setdefault("_clocks", DeviceClocks())
         for old in ("rescale", "impl", "seed"):  # pickled before these became validated properties
             if old in self.__dict__:
                 self.__dict__["_" + old] = self.__dict__.pop(old)
@@ -334,7 +331,7 @@ class DropGrad(torch.optim.Optimizer):
     @seed.setter
     def seed(self, value: int) -> None:
         self._seed = _masks.check_seed(value, "seed")
-        self._clocks_stale = True
+        self._clocks.mark_stale()  # capturable: the next eager step writes it to the devices
 
     @property
     def full_update_drop(self) -> Rate | bool:
@@ -363,54 +360,14 @@ class DropGrad(torch.optim.Optimizer):
         sources += [(f"param_groups[{i}]['drop_rate']", g["drop_rate"])
                     for i, g in enumerate(self.param_groups) if "drop_rate" in g]
         sources += [(f"the params rate of parameter {j}", r) for j, r in sorted(self._param_rates.items())]
-        for name, rate in sources:
-            if rate is not None and not isinstance(rate, (int, float)):
-                raise ValueError(
-                    f"capturable=True needs constant drop rates, but {name} is {rate!r}: a captured CUDA graph "
-                    "replays the rates it was captured with. Give a number, or use capturable=False"
-                )
-        if self._full_update_drop != 0.0:
-            raise ValueError(
-                f"capturable=True does not support full_update_drop (got {self.full_update_drop!r}): its coin is "
-                "drawn on the host, so a captured CUDA graph would replay one outcome forever"
-            )
+        refuse_uncapturable(sources, self.full_update_drop)
 
     def _read_clock(self) -> None:
-        """capturable: take the step count from the device clock, which replays of a graph advanced."""
-        if self._clocks and not self._clocks_stale and not _cuda_kernel.capturing():
-            self._step_count = int(next(iter(self._clocks.values()))[1])
-
-    def _prepare_clocks(self) -> None:
-        """capturable, at the start of a step: host and device clocks agree (or, capturing, already did)."""
-        if _cuda_kernel.capturing():
-            if self._clocks_stale or not self._clocks:
-                raise RuntimeError(
-                    "DropGrad(capturable=True): take at least one eager step() before capturing it in a CUDA graph, "
-                    "and one more after load_state_dict() or set_seed() (CUDA graphs want warm-up steps anyway): "
-                    "the eager step puts the seed and step count on the device, where the captured masks read them"
-                )
-            if not self._seed_agreed and process_group_size() > 1:
-                raise RuntimeError("DropGrad(capturable=True): the ranks agree on the seed at the first eager step; "
-                                   "take one before capturing")
-            return
-        if self._clocks_stale:
-            value = _masks.clock_tensor(self.seed, self._step_count)
-            for clock in self._clocks.values():
-                clock.copy_(value)
-            self._clocks_stale = False
-        else:
-            self._read_clock()
-
-    def _clock(self, device: torch.device) -> torch.Tensor:
-        clock = self._clocks.get(device)
-        if clock is None:
-            if _cuda_kernel.capturing():
-                raise RuntimeError(
-                    f"DropGrad(capturable=True): a gradient on {device} appeared inside a CUDA graph capture; take an "
-                    "eager step with every parameter's gradient on its device before capturing"
-                )
-            clock = self._clocks[device] = _masks.clock_tensor(self.seed, self._step_count, device)
-        return clock
+        """capturable: take the step count from the device clocks, which replays of a graph advanced."""
+        if self._clocks:
+            step = self._clocks.step()
+            if step is not None:
+                self._step_count = step
 
     def _apply_masks(self, grads: list[torch.Tensor], indices: Any, thresholds: Any, scales: Any, offsets: Any,
                      stream: int) -> None:
@@ -425,8 +382,9 @@ class DropGrad(torch.optim.Optimizer):
         offsets = [0] * len(grads) if offsets is None else offsets
         for device, members in devices.items():
             pick = lambda xs: [xs[j] for j in members]  # noqa: E731, B023 - used at once
+            clock = self._clocks.get(device, self.seed, self._step_count)
             apply_masks_(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets),
-                         prefix=self._clock(device), stream=stream, impl=self.impl)
+                         prefix=clock, stream=stream, impl=self.impl)
 
     def _schedules(self) -> list[tuple[str, Any]]:
         """Every stateful schedule in use, with a stable name for checkpoints."""
@@ -612,7 +570,8 @@ class DropGrad(torch.optim.Optimizer):
             agree_seed_if_distributed(self)
         if self._capturable:
             self._refuse_uncapturable()
-            self._prepare_clocks()
+            self._read_clock()  # replays since the last eager step advanced the device's count
+            self._clocks.prepare(self.seed, self._step_count, self._seed_agreed, process_group_size())
         cache: dict[int, float] = {}
         plan = self._plan(cache)  # validates every rate before anything changes
         default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
@@ -664,8 +623,7 @@ class DropGrad(torch.optim.Optimizer):
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
         self.last_step_skipped = skip
         self._step_count += 1
-        for clock in self._clocks.values():  # capturable: the step advances on the device too (captured)
-            clock[1:].add_(1)
+        self._clocks.advance()  # capturable: the step advances on the device too (recorded by a capture)
         seen: set[int] = set()
         for _, sched in self._schedules():
             if id(sched) not in seen:

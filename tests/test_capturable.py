@@ -62,7 +62,7 @@ def test_the_device_clock_is_the_count_a_replay_advances():
     # step advances it. Here the clock is advanced the same way, with no host step in between
     model, opt = _train(True, steps=2)
     # no public handle on purpose: only a replay (device work) advances the clock behind the host's back
-    (clock,) = opt._clocks.values()
+    (clock,) = opt._clocks.clocks.values()
     assert clock.tolist() == [21, 2]
     clock[1:].add_(1)  # what a replay's captured clock advance does
     assert opt.step_count == 3  # read from the device
