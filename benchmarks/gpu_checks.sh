@@ -2,7 +2,7 @@
 # The GPU checks of the mask kernels, in one go, for a machine with CUDA:
 # the CUDA tests (Triton kernel against the reference on the same GPU and
 # against the CPU kernels, dispatch, wrapper, AMP, torch.compile, the comm hook's
-# device path), the GPU benchmark table, and the distributed checks
+# device path, CUDA-graph capture with capturable=True), the GPU benchmark table, and the distributed checks
 # (benchmarks/gpu_distributed_checks.py). Run from the repository root; results go to OUTDIR.
 #
 #     bash benchmarks/gpu_checks.sh [OUTDIR]      # default: gpu-results
