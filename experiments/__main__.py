@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--setting", default=None, metavar="REGEX", help="only settings whose name matches this regular expression (re.search)")
     s.add_argument("--seed-only", type=int, default=None, metavar="K", help="only seed K (to run seeds in parallel processes)")
     s.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="start no new run after this long")
+    s.add_argument(
+        "--finish-by", type=float, default=None, metavar="SECONDS",
+        help="start only runs that the median time of their setting's (else group's) finished runs says end within "
+        "this long; others are left for later and shorter ones tried (for sessions of fixed length)",
+    )
     s.add_argument("--dry-run", action="store_true", help="list the runs and whether they are finished")
     s.add_argument("--allow-dirty", action="store_true", help="write into experiments/results from an uncommitted tree (runs marked dirty; the report excludes them)")
 
@@ -115,7 +120,8 @@ def _run_suite(name: str, args) -> int:
             print(f"{'done' if run_id(c) in done else 'todo'}  {run_id(c)}  {c.suite:<10} {c.group:<32} {c.name:<20} seed {c.seed}")
         return 0
     t0 = time.time()
-    counts = run_suite(configs, args.results_dir, progress=not args.no_progress, stop_after_s=getattr(args, "budget", None))
+    counts = run_suite(configs, args.results_dir, progress=not args.no_progress, stop_after_s=getattr(args, "budget", None),
+                       finish_by_s=getattr(args, "finish_by", None))
     print(
         f"\n{counts['ran']} runs done, {counts['skipped']} already finished, {counts['failed']} failed, "
         f"{counts['left']} left, in {time.time() - t0:.0f}s; results in {args.results_dir}/"

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from .config import RunConfig, run_id
 from .progress import bar
 
-__all__ = ["environment", "ResultsFile", "run_suite", "load_runs", "Run", "finished_ids", "results_path"]
+__all__ = ["environment", "ResultsFile", "run_suite", "load_runs", "Run", "finished_ids", "results_path", "expected_wall_s"]
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,6 +195,7 @@ def run_suite(
     progress: bool = True,
     stop_after_s: float | None = None,
     log=print,
+    finish_by_s: float | None = None,
 ) -> dict:
     """Run every config not yet finished in ``results_dir``; return counts.
 
@@ -205,6 +206,11 @@ def run_suite(
         results_dir: folder of the JSONL results files (read for finished runs, appended to).
         progress: show progress bars.
         stop_after_s: start no new run after this many seconds (a time budget).
+        finish_by_s: start only runs expected to end within this many seconds of
+            the call, by :func:`expected_wall_s`; a run that would not is left
+            for a later invocation and the next one in order is tried instead
+            (a run with no estimate yet is started while time is left). For a
+            session of fixed length: no run is cut off at its end half done.
     """
     from .train import run_to_end
 
@@ -221,11 +227,20 @@ def run_suite(
         log(f"{counts['skipped']} of {unique} runs already finished in {results_dir}; skipping them")
     env = environment()
     t_start = time.time()
+    estimates = _WallEstimates(results_dir, todo) if finish_by_s is not None else None
     for i, cfg in enumerate(bar(todo, progress, desc="runs")):
-        if stop_after_s is not None and time.time() - t_start > stop_after_s:
-            counts["left"] = len(todo) - i
+        elapsed = time.time() - t_start
+        if stop_after_s is not None and elapsed > stop_after_s:
+            counts["left"] += len(todo) - i
             log(f"time budget of {stop_after_s:.0f}s used; {counts['left']} runs left for a later invocation")
             break
+        if estimates is not None:
+            need = estimates.of(cfg)
+            if elapsed >= finish_by_s or (need is not None and elapsed + need > finish_by_s):
+                counts["left"] += 1
+                log(f"run {cfg.group}/{cfg.name} seed {cfg.seed} left for later: expected {need or 0:.0f}s, "
+                    f"{max(finish_by_s - elapsed, 0):.0f}s left of --finish-by {finish_by_s:.0f}s")
+                continue
         rf = ResultsFile(results_path(results_dir, cfg))
         rid, attempt = run_id(cfg), uuid.uuid4().hex[:12]
         import torch
@@ -247,4 +262,42 @@ def run_suite(
             continue
         rf.append({"type": "end", "run": rid, "attempt": attempt, "summary": summary, "wall_s": time.time() - t0})
         counts["ran"] += 1
+        if estimates is not None:
+            estimates.add(cfg, time.time() - t0)
     return counts
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+class _WallEstimates:
+    """Wall times of finished runs, by (suite, group, setting) and by (suite, group)."""
+
+    def __init__(self, results_dir: str, configs: list[RunConfig]) -> None:
+        self._by: dict[tuple, list[float]] = {}
+        for path in sorted({results_path(results_dir, c) for c in configs}):
+            for r in load_runs([path]):
+                if r.wall_s > 0:
+                    self._add(r.config.get("suite"), r.config.get("group"), r.config.get("name"), r.wall_s)
+
+    def _add(self, suite, group, name, wall_s: float) -> None:
+        self._by.setdefault((suite, group, name), []).append(wall_s)
+        self._by.setdefault((suite, group), []).append(wall_s)
+
+    def add(self, cfg: RunConfig, wall_s: float) -> None:
+        self._add(cfg.suite, cfg.group, cfg.name, wall_s)
+
+    def of(self, cfg: RunConfig) -> float | None:
+        """:func:`expected_wall_s` of ``cfg``."""
+        for key in ((cfg.suite, cfg.group, cfg.name), (cfg.suite, cfg.group)):
+            if key in self._by:
+                return _median(self._by[key])
+        return None
+
+
+def expected_wall_s(results_dir: str, cfg: RunConfig) -> float | None:
+    """The median wall time of the finished runs of ``cfg``'s setting, else of its group, else None."""
+    return _WallEstimates(results_dir, [cfg]).of(cfg)

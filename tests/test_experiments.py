@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import struct
+import time
 import zipfile
 
 import numpy as np
@@ -315,6 +316,45 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
     assert len(runs) == 4 and len(runs["rate2"].epochs) == 2  # the half-done attempt is not mixed in
     counts = run_suite(configs, str(tmp_path), progress=False, log=lambda *a: None)
     assert counts["ran"] == 0 and counts["skipped"] == 4
+
+
+def test_finish_by_starts_only_runs_expected_to_fit(tmp_path, monkeypatch):
+    import types
+
+    import experiments.results as R
+    import experiments.train as T
+
+    durations = {"none": 100.0, "dg": 100.0, "rate2": 500.0, "rate3": 100.0}
+    clock = [0.0]
+    started = []
+
+    def fake_run(cfg, on_epoch=None, progress=False):  # takes its setting's duration on a fake clock
+        started.append((cfg.name, cfg.seed))
+        clock[0] += durations[cfg.name]
+        return {"best": {}, "final": {}}
+
+    monkeypatch.setattr(T, "run_to_end", fake_run)
+    monkeypatch.setattr(R, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, gmtime=time.gmtime))
+    quiet = dict(progress=False, log=lambda *a: None)
+    configs = _suite(seeds=3)
+    seed = {s: [c for c in configs if c.seed == s] for s in range(3)}
+    # no estimate at first: the first run starts (and ends past the limit); after it, the group's
+    # median (100 s) says that none of the others would fit
+    counts = run_suite(seed[0], str(tmp_path), finish_by_s=150, **quiet)
+    assert started == [("none", 0)] and counts["ran"] == 1 and counts["left"] == 3
+    run_suite(seed[0], str(tmp_path), **quiet)
+    assert R.expected_wall_s(str(tmp_path), seed[1][2]) == 500.0
+    # with seed 0's times known: rate2 (500 s) would end past 250 s and is skipped for rate3 (100 s)
+    started.clear()
+    counts = run_suite(seed[1], str(tmp_path), finish_by_s=250, **quiet)
+    assert started == [("none", 1), ("dg", 1)] and counts == {**counts, "ran": 2, "left": 2}
+    started.clear()
+    counts = run_suite(seed[1], str(tmp_path), finish_by_s=150, **quiet)
+    assert started == [("rate3", 1)] and counts["left"] == 1  # rate2 does not fit, the shorter one after it does
+    # a setting never run falls back on its group's median
+    other = seed[2][0].replace(name="new setting", drop_rate=0.2)
+    assert R.expected_wall_s(str(tmp_path), other) == 100.0
+    assert R.expected_wall_s(str(tmp_path), other.replace(group="unseen")) is None
 
 
 def test_report_tables_and_plots(tmp_path):
