@@ -55,6 +55,7 @@ __all__ = [
     "MASKS_STREAM",
     "FULL_UPDATE_STREAM",
     "clock_tensor",
+    "int64_bits",
 ]
 
 MASK_RESOLUTION_BITS = 32
@@ -107,8 +108,13 @@ def clock_tensor(seed: int, step: int, device: torch.device | str = "cpu") -> to
     tensor lives, so a step can advance on the device (``clock[1:].add_(1)``)
     without the host, as a captured CUDA graph's replays need.
     """
-    words = [v - (1 << 64) if v >> 63 else v for v in (seed & _M64, step & _M64)]
-    return torch.tensor(words, dtype=torch.int64, device=device)
+    return torch.tensor([int64_bits(seed), int64_bits(step)], dtype=torch.int64, device=device)
+
+
+def int64_bits(v: int) -> int:
+    """The signed 64-bit integer with the bit pattern of ``v mod 2**64`` (how int64 tensors and kernel arguments hold it)."""
+    v &= _M64
+    return v - (1 << 64) if v >> 63 else v
 
 
 def key_from_prefix(prefix: int, index: int, stream: int = MASKS_STREAM) -> tuple[int, int]:

@@ -200,6 +200,14 @@ def test_the_dispatcher_takes_a_clock_in_place_of_the_prefix():
         apply_masks_([torch.ones(3)], [0], [1 << 31], [2.0], prefix=torch.zeros(2, dtype=torch.int64, device="meta"))
 
 
+def test_int64_bits_keeps_the_bit_pattern_of_the_value_mod_2_64():
+    for v in (0, 1, 2**63 - 1, 2**63, 2**64 - 1, -1, 2**64 + 5, -(2**63)):
+        bits = masks.int64_bits(v)
+        assert -(2**63) <= bits < 2**63 and (bits - v) % 2**64 == 0
+    assert masks.int64_bits(2**63) == -(2**63) and masks.int64_bits(2**64 - 1) == -1
+    assert masks.clock_tensor(2**64 - 1, 2**63).tolist() == [-1, -(2**63)]
+
+
 def test_the_class_form_passes_capturable_to_the_base_optimizer_too():
     model = _model()
     adam = dropgrad.optim.Adam(model.parameters(), lr=1e-3, drop_rate=0.1, capturable=True)

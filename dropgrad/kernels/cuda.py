@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..masks import int64_bits
 from .common import M64, bump_versions
 
 __all__ = ["mask_", "mask_clocked_", "available", "unavailable_reason", "device_type", "capturing",
@@ -101,11 +102,6 @@ def _scale_bits(scale: float, wide: bool) -> int:
     return struct.unpack("<I", struct.pack("<f", scale))[0]
 
 
-def _signed64(v: int) -> int:
-    v &= M64
-    return v - (1 << 64) if v >> 63 else v
-
-
 class _Launch:
     """A table and chunk map on the device for one (device, dtype) group, ready to launch."""
 
@@ -154,8 +150,8 @@ def _build(grads, indices, thresholds, scales, offsets, uniform: bool) -> list[_
             if uniform:
                 thr, bits = 0, 0  # from the kernel's arguments
             else:
-                thr, bits = int(thresholds[j]), _signed64(_scale_bits(float(scales[j]), wide))
-            rows.extend((grads[j].data_ptr(), numel, _signed64(indices[j]), 0, thr, bits, offsets[j], 0))
+                thr, bits = int(thresholds[j]), int64_bits(_scale_bits(float(scales[j]), wide))
+            rows.extend((grads[j].data_ptr(), numel, int64_bits(indices[j]), 0, thr, bits, offsets[j], 0))
             sizes.append(numel)
         launches.append(_Launch(dtype, device, rows, sizes))
     return launches
