@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--figures", default=None, help="folder for PNGs (default: figures/results beside --out)")
     rp.add_argument("--suites", nargs="*", default=None, help="suites to include (default: the published ones)")
 
+    cp = sub.add_parser("compare", help="check a rerun against the published runs of the same ids (exit 1 if it does not reproduce)")
+    cp.add_argument("rerun_dir", help="results folder of the rerun (e.g. /tmp/check)")
+    cp.add_argument("--against", default=PUBLISHED_RESULTS, help="published results folder (default: %(default)s)")
+    cp.add_argument("--suite", required=True, help="the suite whose groups to compare")
+    cp.add_argument("--group", default=None, help="only groups whose name contains this")
+    cp.add_argument("--sigmas", type=float, default=3.0, help="tolerance in standard errors of the paired differences")
+
     sub.add_parser("config", help="list every config key with its type and default")
     sub.add_parser("list", help="list the suites and their number of runs")
     return p
@@ -154,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             path = write_report(args.results_dir, args.out, args.figures, args.suites)
             print(f"wrote {path}")
             return 0
+        if args.cmd == "compare":
+            from .report import compare_results
+            from .suites import get_suite
+
+            text, ok = compare_results(args.rerun_dir, args.against, get_suite(args.suite), args.sigmas, args.group)
+            print(text)
+            return 0 if ok else 1
         if args.cmd == "config":
             print("RunConfig keys (override with KEY=VALUE):")
             print(describe_fields())

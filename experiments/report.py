@@ -871,3 +871,89 @@ def _versus_partner(g: GroupStats, name: str, when: str = "best") -> tuple[str |
         y = [_scale(b[k], g.metric) for k in seeds]
         return other.name, float(np.mean(x) - np.mean(y)), paired_test(x, y)
     return None, float("nan"), float("nan")
+
+
+# ------------------------------------------------------------------ reproduction check
+
+
+def compare_results(
+    rerun_dir: str, published_dir: str, configs: list[RunConfig], sigmas: float = 3.0, group: str | None = None,
+) -> tuple[str, bool]:
+    """Compare a rerun's runs with the published ones of the same run ids, group by group.
+
+    Runs are paired by run id (the same seed: the same initialization, data
+    order and subset). For every setting and both epochs read (best validation
+    and final), it gives the published and rerun means over the seeds present
+    in both, the mean of the per-seed differences with its standard error, and
+    how many runs came out bitwise identical. A setting *reproduces* when its
+    mean difference is within ``sigmas`` standard errors of zero (a rerun on
+    another CPU model takes other floating-point paths, so single runs differ
+    while their means may not); a group reproduces when every setting does and
+    so does every setting's effect (its difference to the baseline).
+
+    Returns:
+        (the text of the tables, whether everything compared reproduced).
+    """
+    rerun, published = _load(rerun_dir), _load(published_dir)
+    lines: list[str] = []
+    counts: dict[bool | None, int] = {True: 0, False: 0, None: 0}
+    for g in collect(configs, published):
+        if group is not None and group not in g.group:
+            continue
+        mine = {s.name: {seed: rerun[run_id(c)] for c in s.configs for seed in [c.seed] if run_id(c) in rerun}
+                for s in g.settings.values()}
+        if not any(mine.values()):
+            continue
+        lines += [f"[{g.suite}] {g.group}: test {_unit(g)}, published vs rerun over the seeds in both "
+                  f"(reproduced: |diff| <= {sigmas:g} standard errors)", ""]
+        header = ["setting", "when", "n", "identical", "published", "rerun", "diff ± se", "effect pub", "effect rerun",
+                  "verdict"]
+        rows = []
+        for when in ("best", "final"):
+            key = f"test_{g.metric}_{when}"
+            base = g.settings.get(g.baseline)
+            for s in g.settings.values():
+                seeds = sorted(set(mine[s.name]) & set(s.runs))
+                if not seeds:
+                    continue
+                pub = np.array([_scale(s.runs[k].summary[key], g.metric) for k in seeds])
+                new = np.array([_scale(mine[s.name][k].summary[key], g.metric) for k in seeds])
+                same = sum(s.runs[k].summary == mine[s.name][k].summary for k in seeds)
+                d = new - pub
+                se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+                verdict = _within(d, sigmas)
+                eff_pub = eff_new = float("nan")
+                if base is not None and s.name != g.baseline:
+                    both = [k for k in seeds if k in base.runs and k in mine.get(g.baseline, {})]
+                    if both:
+                        bp = np.array([_scale(base.runs[k].summary[key], g.metric) for k in both])
+                        bn = np.array([_scale(mine[g.baseline][k].summary[key], g.metric) for k in both])
+                        sp = np.array([_scale(s.runs[k].summary[key], g.metric) for k in both])
+                        sn = np.array([_scale(mine[s.name][k].summary[key], g.metric) for k in both])
+                        eff_pub, eff_new = float(np.mean(sp - bp)), float(np.mean(sn - bn))
+                        effect = _within((sn - bn) - (sp - bp), sigmas)
+                        verdict = None if None in (verdict, effect) else verdict and effect
+                counts[verdict] += 1
+                rows.append([s.name, when, str(len(seeds)), f"{same}/{len(seeds)}", _fmt(float(np.mean(pub))),
+                             _fmt(float(np.mean(new))), f"{_signed(float(np.mean(d)))} ± {_fmt(se)}",
+                             _signed(eff_pub), _signed(eff_new),
+                             {True: "reproduced", False: "NOT reproduced", None: "undecided (1 seed)"}[verdict]])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append("")
+    if not sum(counts.values()):
+        return f"no run of {rerun_dir} is among the published runs of {published_dir}", False
+    lines.append(f"{counts[True]} reproduced, {counts[False]} not reproduced, {counts[None]} undecided (one seed "
+                 f"and not identical) of {sum(counts.values())} comparisons (setting x epoch), at {sigmas:g} standard errors")
+    return "\n".join(lines), counts[False] == 0 and counts[True] > 0
+
+
+def _within(d: np.ndarray, sigmas: float) -> bool | None:
+    """Whether the mean of the paired differences ``d`` is within ``sigmas`` standard errors of 0 (None: one nonzero pair)."""
+    if np.all(d == 0):
+        return True
+    if len(d) < 2:
+        return None
+    return bool(abs(float(np.mean(d))) <= sigmas * float(np.std(d, ddof=1)) / math.sqrt(len(d)))

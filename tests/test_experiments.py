@@ -357,6 +357,57 @@ def test_finish_by_starts_only_runs_expected_to_fit(tmp_path, monkeypatch):
     assert R.expected_wall_s(str(tmp_path), other.replace(group="unseen")) is None
 
 
+def _rewrite(src, dst, change):
+    """Copy a results file, passing each end record's summary through ``change(config_name, seed, summary)``."""
+    names = {}
+    with open(src) as f, open(dst, "w") as g:
+        for line in f:
+            r = json.loads(line)
+            if r["type"] == "start":
+                names[r["run"]] = (r["config"]["name"], r["config"]["seed"])
+            if r["type"] == "end":
+                change(*names[r["run"]], r["summary"])
+            g.write(json.dumps(r) + "\n")
+
+
+def test_compare_tells_a_reproduced_rerun_from_a_shifted_one(tmp_path):
+    from experiments.report import compare_results
+
+    configs = _suite(seeds=3)
+    pub = tmp_path / "pub"
+    run_suite(configs, str(pub), progress=False, log=lambda *a: None)
+    (tmp_path / "same").mkdir()
+    _rewrite(pub / "t.jsonl", tmp_path / "same" / "t.jsonl", lambda name, seed, s: None)
+    text, ok = compare_results(str(tmp_path / "same"), str(pub), configs)
+    assert ok and "3/3" in text and "NOT" not in text and "8 reproduced, 0 not reproduced" in text
+
+    def jitter(name, seed, s):  # another CPU: every run moves a little, none systematically
+        s["test_acc_best"] += (0.002, -0.003, 0.001)[seed]
+        s["test_acc_final"] += (-0.001, 0.002, -0.001)[seed]
+    (tmp_path / "jit").mkdir()
+    _rewrite(pub / "t.jsonl", tmp_path / "jit" / "t.jsonl", jitter)
+    text, ok = compare_results(str(tmp_path / "jit"), str(pub), configs)
+    assert ok and "0/3" in text, text
+
+    def shifted(name, seed, s):  # one setting got 2 points better at every seed: its effect did not reproduce
+        if name == "dg":
+            s["test_acc_best"] += 0.02 + 0.001 * seed
+    (tmp_path / "bad").mkdir()
+    _rewrite(pub / "t.jsonl", tmp_path / "bad" / "t.jsonl", shifted)
+    text, ok = compare_results(str(tmp_path / "bad"), str(pub), configs)
+    assert not ok and text.count("NOT reproduced") == 1 and "1 not reproduced" in text
+    bad_row = next(line for line in text.splitlines() if "NOT reproduced" in line)
+    assert bad_row.split()[:2] == ["dg", "best"]
+
+    one = [c for c in configs if c.seed == 0]  # a single nonidentical seed cannot decide
+    (tmp_path / "one").mkdir()
+    _rewrite(pub / "t.jsonl", tmp_path / "one" / "t.jsonl", jitter)
+    text, ok = compare_results(str(tmp_path / "one"), str(pub), one)
+    assert not ok and "undecided" in text
+    text, ok = compare_results(str(tmp_path / "empty"), str(pub), configs)
+    assert not ok and text.startswith("no run of")
+
+
 def test_report_tables_and_plots(tmp_path):
     pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (in the test extras)")
     configs = _suite(seeds=2)
