@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -591,9 +591,14 @@ def write_report(
                f"(`--allow-dirty` overrides); dirty runs of those suites are left out of this report ({len(dirty)} left out). "
                "The older suites (`quick`, `image`, `ablations`, `lm`) were run before that rule and most of their runs "
                "are marked `+dirty` above: read them as not reproducible from a single commit.")
-    flags = sorted({" ".join(r.env.get("cpu_flags") or []) for r in runs.values() if r.env.get("cpu_flags")})
-    if flags:
-        doc.append(f"* CPU SIMD flags recorded with the newer runs: {flags[0]}")
+    for cpu in sorted({r.env.get("cpu") or "?" for r in runs.values()}):
+        flags = sorted({" ".join(r.env.get("cpu_flags") or []) for r in runs.values() if r.env.get("cpu") == cpu} - {""})
+        if flags:
+            doc.append(f"* SIMD flags recorded on {cpu}: " + "; or ".join(flags))
+    doc.append("* A seed's run is bitwise reproducible on the same CPU model, torch build and thread count; another CPU "
+               "model takes other floating-point paths in torch's kernels, so its runs differ slightly and only their "
+               "statistics reproduce (`python -m experiments compare RERUN_DIR --suite S` checks that; the CPU column "
+               "below says which models ran each suite).")
     threads_used = sorted({r.env.get("torch_threads") for r in runs.values() if r.config.get("suite") in STRICT_PROVENANCE} - {None})
     if threads_used:
         doc.append(f"* torch threads in effect (recorded per run, newer suites): {', '.join(map(str, threads_used))}")
@@ -603,7 +608,8 @@ def write_report(
               if r.get("type") == "error" and r["run"] not in runs]
     doc.append(f"* failed runs (recorded as errors, excluded from the tables): {len(errors)}"
                + "".join(f"\n  * `{e['run']}`: {e.get('error', '?')}" for e in errors))
-    doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | command |", "|---|--:|--:|--:|--:|---|"]
+    doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | CPU (runs) | command |",
+            "|---|--:|--:|--:|--:|---|---|"]
     all_groups: dict[str, list[GroupStats]] = {}
     total_s = left_s = 0.0
     seen: set[str] = set()
@@ -628,7 +634,9 @@ def write_report(
         seen |= {r.id for r in fin}
         left_s += est
         any_unknown |= unknown
+        cpus = Counter(_short_cpu(r.env.get("cpu")) for r in fin)
         doc.append(f"| {suite} | {len(fin)} | {len(ids)} | {secs / 60:.0f} | {est / 60:.0f}{'+' if unknown else ''} | "
+                   f"{', '.join(f'{c} {n}' for c, n in sorted(cpus.items())) or '–'} | "
                    f"`python -m experiments suite {suite} --results-dir experiments/results` |")
     doc += ["", f"Measured so far: {total_s / 60:.0f} min of run time (each run counted once, although a run shared by "
             f"two suites is listed under both); estimated left: {left_s / 60:.0f} min{' plus groups not started yet (+)' if any_unknown else ''}. "
@@ -672,6 +680,12 @@ def write_report(
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(doc).rstrip() + "\n")
     return out
+
+
+def _short_cpu(cpu: str | None) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon' (for a table cell)."""
+    text = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu or "?")
+    return " ".join(text.split()) or "?"
 
 
 def _describe(c: RunConfig) -> str:

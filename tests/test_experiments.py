@@ -418,6 +418,12 @@ def test_report_tables_and_plots(tmp_path):
     write_report(str(tmp_path / "res"), str(out), configs={"t": configs})
     md = out.read_text()
     assert "| none (baseline) | 2 |" in md and "Holm" in md
+    from experiments.report import _short_cpu
+    from experiments.results import environment
+
+    cpu = environment()["cpu"]
+    assert f"| {_short_cpu(cpu)} 8 |" in md  # the suite's row says which CPU model ran its 8 runs
+    assert environment()["cpu_flags"] == [] or f"SIMD flags recorded on {cpu}: " in md
     figs = sorted(os.listdir(tmp_path / "docs" / "figures" / "results"))
     assert figs == ["t-g-bars.png", "t-g-curves.png", "t-g-robust.png", "t-g-vs-rate.png"]
     for f in figs:
