@@ -918,7 +918,7 @@ def compare_results(
                 for s in g.settings.values()}
         if not any(mine.values()):
             continue
-        lines += [f"[{g.suite}] {g.group}: test {_unit(g)}, published vs rerun over the seeds in both "
+        lines += [f"[{g.suite}] {g.group}: {_unit(g)}, published vs rerun over the seeds in both "
                   f"(reproduced: |diff| <= {sigmas:g} standard errors)", ""]
         header = ["setting", "when", "n", "identical", "published", "rerun", "diff ± se", "effect pub", "effect rerun",
                   "verdict"]
