@@ -594,7 +594,8 @@ def write_report(
     for cpu in sorted({r.env.get("cpu") or "?" for r in runs.values()}):
         flags = sorted({" ".join(r.env.get("cpu_flags") or []) for r in runs.values() if r.env.get("cpu") == cpu} - {""})
         if flags:
-            doc.append(f"* SIMD flags recorded on {cpu}: " + "; or ".join(flags))
+            sets = f" ({len(flags)} different sets: machines of one model name differ)" if len(flags) > 1 else ""
+            doc.append(f"* SIMD flags recorded on {cpu}{sets}: " + "; ".join(flags))
     doc.append("* A seed's run is bitwise reproducible on the same CPU model, torch build and thread count; another CPU "
                "model takes other floating-point paths in torch's kernels, so its runs differ slightly and only their "
                "statistics reproduce (`python -m experiments compare RERUN_DIR --suite S` checks that; the CPU column "
