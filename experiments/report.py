@@ -598,8 +598,8 @@ def write_report(
             doc.append(f"* SIMD flags recorded on {cpu}{sets}: " + "; ".join(flags))
     doc.append("* A seed's run is bitwise reproducible on the same CPU model, torch build and thread count; another CPU "
                "model takes other floating-point paths in torch's kernels, so its runs differ slightly and only their "
-               "statistics reproduce (`python -m experiments compare RERUN_DIR --suite S` checks that; the CPU column "
-               "below says which models ran each suite).")
+               "statistics reproduce (`python -m experiments compare RERUN_DIR --suite S` checks that; the column "
+               "*ran on* below counts each suite's runs by CPU model, or GPU for runs on CUDA).")
     threads_used = sorted({r.env.get("torch_threads") for r in runs.values() if r.config.get("suite") in STRICT_PROVENANCE} - {None})
     if threads_used:
         doc.append(f"* torch threads in effect (recorded per run, newer suites): {', '.join(map(str, threads_used))}")
@@ -609,7 +609,7 @@ def write_report(
               if r.get("type") == "error" and r["run"] not in runs]
     doc.append(f"* failed runs (recorded as errors, excluded from the tables): {len(errors)}"
                + "".join(f"\n  * `{e['run']}`: {e.get('error', '?')}" for e in errors))
-    doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | CPU (runs) | command |",
+    doc += ["", "| suite | runs finished | of | measured (min) | estimated left (min) | ran on (runs) | command |",
             "|---|--:|--:|--:|--:|---|---|"]
     all_groups: dict[str, list[GroupStats]] = {}
     total_s = left_s = 0.0
@@ -635,7 +635,7 @@ def write_report(
         seen |= {r.id for r in fin}
         left_s += est
         any_unknown |= unknown
-        cpus = Counter(_short_cpu(r.env.get("cpu")) for r in fin)
+        cpus = Counter(_machine(r) for r in fin)
         doc.append(f"| {suite} | {len(fin)} | {len(ids)} | {secs / 60:.0f} | {est / 60:.0f}{'+' if unknown else ''} | "
                    f"{', '.join(f'{c} {n}' for c, n in sorted(cpus.items())) or '–'} | "
                    f"`python -m experiments suite {suite} --results-dir experiments/results` |")
@@ -687,6 +687,13 @@ def _short_cpu(cpu: str | None) -> str:
     """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon' (for a table cell)."""
     text = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu or "?")
     return " ".join(text.split()) or "?"
+
+
+def _machine(r: Run) -> str:
+    """What a run computed on: its GPU for a CUDA run, else its CPU model (short)."""
+    if str(r.config.get("device", "cpu")).startswith("cuda") and r.env.get("cuda"):
+        return _short_cpu(r.env["cuda"])
+    return _short_cpu(r.env.get("cpu"))
 
 
 def _describe(c: RunConfig) -> str:

@@ -568,6 +568,27 @@ def test_gpu_short_and_lm_full_suites_run_on_cpu_with_tiny_settings(tmp_path, ca
     assert code == 0 and len(load_runs([str(tmp_path / "r" / "lm-full.jsonl")])) == 8  # p 0/0.1/0.3, dropout, 2 x 2 controls
 
 
+def test_gpu_short_lstm_runs_are_lm_full_runs():
+    from experiments.suites import get_suite
+
+    full = {run_id(c): c for c in get_suite("lm-full") if c.model == "lstm"}
+    gpu = [c for c in get_suite("gpu-short") if c.model == "lstm"]
+    assert len(gpu) == 15 and all(c.device == "cuda" for c in gpu)
+    shared = [full[run_id(c)] for c in gpu if run_id(c) in full]
+    assert len(shared) == len(gpu)  # a GPU loan's LSTM runs fill lm-full's rows (the device is not in the id)
+    assert all(f.device == "cpu" and f.name == g.name and f.seed == g.seed for f, g in zip(shared, gpu))
+
+
+def test_the_running_time_table_names_the_gpu_of_cuda_runs_and_the_cpu_of_others():
+    from experiments.report import _machine
+    from experiments.results import Run
+
+    env = {"cpu": "Intel(R) Xeon(R) Processor", "cuda": "NVIDIA H200"}
+    assert _machine(Run("a", {"device": "cuda"}, env, [], {}, 1.0)) == "NVIDIA H200"
+    assert _machine(Run("b", {"device": "cpu"}, env, [], {}, 1.0)) == "Intel Xeon"  # a GPU machine's CPU run
+    assert _machine(Run("c", {}, {"cpu": "AMD EPYC"}, [], {}, 1.0)) == "AMD EPYC"
+
+
 def test_published_results_refuse_a_dirty_tree(tmp_path, monkeypatch, capsys):
     import experiments.results as R
 
