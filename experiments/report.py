@@ -9,6 +9,7 @@ Holm-Bonferroni adjusted p-value over the settings of that group.
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -931,29 +932,27 @@ def compare_results(
         header = ["setting", "when", "n", "identical", "published", "rerun", "diff ± se", "effect pub", "effect rerun",
                   "verdict"]
         rows = []
+        base = g.settings.get(g.baseline)
         for when in ("best", "final"):
             key = f"test_{g.metric}_{when}"
-            base = g.settings.get(g.baseline)
+            vals = functools.partial(_seed_values, key=key, metric=g.metric)
             for s in g.settings.values():
                 seeds = sorted(set(mine[s.name]) & set(s.runs))
                 if not seeds:
                     continue
-                pub = np.array([_scale(s.runs[k].summary[key], g.metric) for k in seeds])
-                new = np.array([_scale(mine[s.name][k].summary[key], g.metric) for k in seeds])
+                pub, new = vals(s.runs, seeds), vals(mine[s.name], seeds)
                 same = sum(s.runs[k].summary == mine[s.name][k].summary for k in seeds)
                 d = new - pub
                 se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
                 verdict = _within(d, sigmas)
                 eff_pub = eff_new = float("nan")
                 if base is not None and s.name != g.baseline:
-                    both = [k for k in seeds if k in base.runs and k in mine.get(g.baseline, {})]
+                    both = [k for k in seeds if k in base.runs and k in mine[g.baseline]]
                     if both:
-                        bp = np.array([_scale(base.runs[k].summary[key], g.metric) for k in both])
-                        bn = np.array([_scale(mine[g.baseline][k].summary[key], g.metric) for k in both])
-                        sp = np.array([_scale(s.runs[k].summary[key], g.metric) for k in both])
-                        sn = np.array([_scale(mine[s.name][k].summary[key], g.metric) for k in both])
-                        eff_pub, eff_new = float(np.mean(sp - bp)), float(np.mean(sn - bn))
-                        effect = _within((sn - bn) - (sp - bp), sigmas)
+                        effect_pub = vals(s.runs, both) - vals(base.runs, both)
+                        effect_new = vals(mine[s.name], both) - vals(mine[g.baseline], both)
+                        eff_pub, eff_new = float(np.mean(effect_pub)), float(np.mean(effect_new))
+                        effect = _within(effect_new - effect_pub, sigmas)
                         verdict = None if None in (verdict, effect) else verdict and effect
                 counts[verdict] += 1
                 rows.append([s.name, when, str(len(seeds)), f"{same}/{len(seeds)}", _fmt(float(np.mean(pub))),
@@ -970,6 +969,11 @@ def compare_results(
     lines.append(f"{counts[True]} reproduced, {counts[False]} not reproduced, {counts[None]} undecided (one seed "
                  f"and not identical) of {sum(counts.values())} comparisons (setting x epoch), at {sigmas:g} standard errors")
     return "\n".join(lines), counts[False] == 0 and counts[True] > 0
+
+
+def _seed_values(runs: dict[int, Run], seeds: list[int], key: str, metric: str) -> np.ndarray:
+    """``runs[k].summary[key]`` for each seed k, scaled as the tables show it."""
+    return np.array([_scale(runs[k].summary[key], metric) for k in seeds])
 
 
 def _within(d: np.ndarray, sigmas: float) -> bool | None:

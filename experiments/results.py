@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
 import time
 import traceback
@@ -267,21 +268,14 @@ def run_suite(
     return counts
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 class _WallEstimates:
     """Wall times of finished runs, by (suite, group, setting) and by (suite, group)."""
 
     def __init__(self, results_dir: str, configs: list[RunConfig]) -> None:
         self._by: dict[tuple, list[float]] = {}
-        for path in sorted({results_path(results_dir, c) for c in configs}):
-            for r in load_runs([path]):
-                if r.wall_s > 0:
-                    self._add(r.config.get("suite"), r.config.get("group"), r.config.get("name"), r.wall_s)
+        for r in load_runs(sorted({results_path(results_dir, c) for c in configs})):
+            if r.wall_s > 0:
+                self._add(r.config.get("suite"), r.config.get("group"), r.config.get("name"), r.wall_s)
 
     def _add(self, suite, group, name, wall_s: float) -> None:
         self._by.setdefault((suite, group, name), []).append(wall_s)
@@ -294,7 +288,7 @@ class _WallEstimates:
         """:func:`expected_wall_s` of ``cfg``."""
         for key in ((cfg.suite, cfg.group, cfg.name), (cfg.suite, cfg.group)):
             if key in self._by:
-                return _median(self._by[key])
+                return statistics.median(self._by[key])
         return None
 
 
