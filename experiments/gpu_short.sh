@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU suite for a short loan: `python -m experiments suite gpu-short`, one process per
-# (group, seed) sharing one GPU (each run is small: 5 ResNet-20 + 3 LSTM processes), then the
-# last lines of their logs. Meant to end within 10 minutes on one H200-class GPU; LIMIT (seconds,
+# The GPU suite for a short loan: `python -m experiments suite gpu-short`, in processes sharing
+# one GPU (each run is small: one ResNet-20 process per seed, one LSTM process per seed and
+# setting), then the last lines of their logs. Meant to end within 10 minutes on one H200-class GPU; LIMIT (seconds,
 # default 540) stops every process by then, so a slower GPU still leaves its finished runs
 # (appended one by one; only the runs in flight are lost, and a rerun resumes). The LSTM runs
 # are lm-full's (the device is not part of a run id): they fill those rows of lm-full too.
@@ -9,24 +9,43 @@
 #   bash experiments/gpu_short.sh RESULTS_DIR KEY=VAL  # e.g. a CPU smoke test:
 #   bash experiments/gpu_short.sh /tmp/gs device=cpu epochs=1 train_subset=2000 eval_tokens=2000 val_size=500 width=4
 # Extra KEY=VALUE arguments override every run's config (--set). Needs the data of experiments/get_data.sh.
+# A copy of the tree without git metadata (a device machine's) records no commit; there, SOURCE_MANIFEST
+# names a file made in the checkout by
+#   git ls-files -z dropgrad experiments ':!experiments/results' | xargs -0 sha256sum > M && git rev-parse HEAD > M.commit
+# (from a clean tree), and the runs record that commit only if every file of the copy matches it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! git rev-parse HEAD > /dev/null 2>&1 && [ -n "${SOURCE_MANIFEST:-}" ]; then
+  if sha256sum --quiet -c "$SOURCE_MANIFEST"; then
+    EXPERIMENTS_SOURCE_COMMIT=$(cat "$SOURCE_MANIFEST.commit"); export EXPERIMENTS_SOURCE_COMMIT
+    echo "copy matches commit $EXPERIMENTS_SOURCE_COMMIT"
+  else
+    echo "copy does not match $SOURCE_MANIFEST: its runs record no commit" >&2
+  fi
+fi
 PY="${PYTHON:-python}"
 RESULTS="${1:-experiments/results}"; shift || true
 LIMIT="${LIMIT:-540}"
 mkdir -p "$RESULTS"
 pids=()
-launch() {  # launch GROUP SEEDS
-  local group=$1 seeds=$2 k
+launch() {  # launch GROUP SEEDS [SETTING_REGEX]: one process per seed (and per setting, if given)
+  local group=$1 seeds=$2 setting=${3:-} k tag
   for ((k = 0; k < seeds; k++)); do
-    OMP_NUM_THREADS=1 timeout "$LIMIT" "$PY" -m experiments suite gpu-short --group "$group" --seed-only "$k" \
-      --results-dir "$RESULTS" --no-progress "${@:3}" > "$RESULTS/gpu-short-${group##* }-seed$k.log" 2>&1 &
+    tag="${group##* }-seed$k"; sel=()
+    if [ -n "$setting" ]; then sel=(--setting "$setting"); tag="$tag-$(printf '%s' "$setting" | tr -c 'a-zA-Z0-9.' '_' | tr -s '_')"; fi
+    OMP_NUM_THREADS=1 timeout "$LIMIT" "$PY" -m experiments suite gpu-short --group "$group" --seed-only "$k" "${sel[@]}" \
+      --results-dir "$RESULTS" --no-progress "${set_args[@]}" > "$RESULTS/gpu-short-$tag.log" 2>&1 &
     pids+=($!)
   done
 }
 set_args=(); [ $# -gt 0 ] && set_args=(--set "$@")
-launch "gpu fmnist-full resnet20" "${IMAGE_SEEDS:-5}" "${set_args[@]}"
-launch "gpu brown-full zaremba-small lstm" "${LM_SEEDS:-3}" "${set_args[@]}"
+# ResNet-20: one process per seed (5 runs each); LSTM: one per seed and setting, since its runs are
+# longer (early stopping) and lm-full's CPU runs may have finished some already (those exit at once)
+launch "gpu fmnist-full resnet20" "${IMAGE_SEEDS:-5}"
+lstm="gpu brown-full zaremba-small lstm"
+while IFS= read -r setting; do launch "$lstm" "${LM_SEEDS:-3}" "$setting"; done < <(
+  "$PY" -c "import re, sys; from experiments.suites import get_suite; g = sys.argv[1]
+for n in sorted({c.name for c in get_suite('gpu-short') if c.group == g}): print('^' + re.escape(n) + '\$')" "$lstm")
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 tail -n 3 "$RESULTS"/gpu-short-*.log

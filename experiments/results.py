@@ -76,6 +76,23 @@ def tree_is_dirty() -> bool:
     return bool(status)
 
 
+def _code_version() -> dict:
+    """The commit the code is at and whether it has uncommitted changes.
+
+    A copy of the tree without git metadata (what a device machine runs on) has no commit to
+    ask; there the caller may vouch for it in ``EXPERIMENTS_SOURCE_COMMIT`` after checking the
+    copy against that commit's file hashes (``experiments/gpu_short.sh`` does), and the run
+    records that the commit came from there.
+    """
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        return {"git_commit": commit, "git_dirty": tree_is_dirty()}
+    vouched = os.environ.get("EXPERIMENTS_SOURCE_COMMIT", "").strip()
+    if vouched:
+        return {"git_commit": vouched, "git_dirty": False, "git_source": "EXPERIMENTS_SOURCE_COMMIT (copy checked against the commit's file hashes)"}
+    return {"git_commit": None, "git_dirty": None}
+
+
 def environment() -> dict:
     """Code version, library versions and machine, recorded with every run."""
     import numpy
@@ -88,8 +105,7 @@ def environment() -> dict:
     except ImportError:  # pragma: no cover
         dg_version = None
     return {
-        "git_commit": _git("rev-parse", "HEAD") or None,
-        "git_dirty": tree_is_dirty(),
+        **_code_version(),
         "dropgrad": dg_version,
         "python": platform.python_version(),
         "torch": torch.__version__,

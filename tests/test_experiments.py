@@ -667,3 +667,16 @@ def test_new_suites_run_from_the_command_line_on_tiny_settings(tmp_path, suite, 
     assert len(runs) == len(expected) >= 7
     assert all(r.env["torch_threads"] == 1 and "cpu_flags" in r.env for r in runs)
     assert "baseline" in capsys.readouterr().out
+
+
+def test_code_version_without_git_metadata_records_only_a_vouched_commit(monkeypatch):
+    import experiments.results as results
+
+    monkeypatch.setattr(results, "_git", lambda *a: "")
+    monkeypatch.delenv("EXPERIMENTS_SOURCE_COMMIT", raising=False)
+    assert results._code_version() == {"git_commit": None, "git_dirty": None}
+    monkeypatch.setenv("EXPERIMENTS_SOURCE_COMMIT", "abc123")
+    v = results._code_version()
+    assert v["git_commit"] == "abc123" and v["git_dirty"] is False and "EXPERIMENTS_SOURCE_COMMIT" in v["git_source"]
+    monkeypatch.setattr(results, "_git", lambda *a: "deadbeef" if a[0] == "rev-parse" else "")
+    assert results._code_version() == {"git_commit": "deadbeef", "git_dirty": False}
