@@ -101,9 +101,12 @@ def test_device_compaction_equals_the_host_path(device, dtype, monkeypatch):
     host.gather(buffer, sent_host)
     on_device.gather(dev_buffer, sent_dev)
     assert torch.equal(sent_host.view(torch.uint8), sent_dev.cpu().view(torch.uint8))
+    # the same bits scattered on both: arithmetic on each device would differ in its NaNs (CUDA's
+    # float32 ops return the canonical NaN 0x7fffffff, the CPU keeps 0x7fc00000), and _case has NaNs
+    values = sent_host * 3
     out_host, out_dev = torch.zeros_like(buffer), torch.zeros_like(dev_buffer)
-    host.scatter(sent_host * 3, out_host)
-    on_device.scatter(sent_dev * 3, out_dev)
+    host.scatter(values, out_host)
+    on_device.scatter(values.to(device), out_dev)
     assert torch.equal(out_host.view(torch.uint8), out_dev.cpu().view(torch.uint8))
     assert torch.equal(out_host[~keep], torch.zeros(int((~keep).sum()), dtype=dtype))
 
@@ -211,3 +214,54 @@ def test_gpu_distributed_checks_summary_fails_on_any_failure():
     assert script.exit_code([ok, {**ok, "check": "b", "status": "failed"}], expected=["a", "b"]) == 1
     assert script.exit_code([ok], expected=["a", "b"]) == 1  # a check that never reported is a failure
     assert script.exit_code([], expected=[]) == 1  # nothing ran at all
+
+
+@needs_dist
+@pytest.mark.parametrize("extra_syncs_per_bucket", [0, 1, 2])
+def test_hook_host_syncs_check_compares_against_the_hook_pass_buckets(tmp_path, monkeypatch, extra_syncs_per_bucket):
+    """The CUDA-only sync check's arithmetic, on CPU with a scripted sync counter: it must allow
+    one extra sync per masked bucket of the hook's own pass and fail beyond that (it once read the
+    bucket count after the control pass had reset it, and failed on every GPU)."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_distributed_checks as script
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    monkeypatch.setattr(script, "ddp", lambda r, module, **kw: DDP(module, **kw))  # no device_ids on CPU
+    seen_buckets = []
+    real_hook = dgd.masked_allreduce_hook
+
+    def hook(state, bucket):
+        seen_buckets.append(bucket.index())
+        return real_hook(state, bucket)
+
+    monkeypatch.setattr(dgd, "masked_allreduce_hook", hook)
+    calls = []
+
+    def scripted_count(fn):  # order of calls: default, default_step, hook, hook_step, control, control_step, probe
+        n_before = len(seen_buckets)
+        fn()
+        calls.append(len(seen_buckets) - n_before)
+        k = len(calls)
+        if k == 3:  # the hook's backward: this many syncs per bucket it masked
+            return 5 + extra_syncs_per_bucket * calls[-1]
+        return {1: 5, 5: 6, 7: 1}.get(k, 0)
+
+    monkeypatch.setattr(script, "_count_syncs", scripted_count)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        r = script.Rank(0, 1, "gloo", "cpu", 800)
+        r.cuda = True  # past the CUDA-only guard; the counter above stands in for set_sync_debug_mode
+        if extra_syncs_per_bucket <= 1:
+            result = script.check_hook_host_syncs(r)
+            assert result["buckets"] == calls[2] >= 2  # the hook pass's own buckets (an 800x800 layer over 1 MB buckets)
+            assert result["syncs"]["hook"] - result["syncs"]["default"] == extra_syncs_per_bucket * calls[2]
+        else:
+            with pytest.raises(AssertionError, match="extra host syncs"):
+                script.check_hook_host_syncs(r)
+    finally:
+        dist.destroy_process_group()
