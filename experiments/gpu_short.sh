@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite for a short loan: `python -m experiments suite gpu-short`, in processes sharing
 # one GPU (each run is small: one ResNet-20 process per seed, one LSTM process per seed and
-# setting), then the last lines of their logs. Meant to end within 10 minutes on one H200-class GPU; LIMIT (seconds,
+# setting), then the last lines of their logs. Sized for 10 minutes on one H200-class GPU (the first
+# loan, 2026-12-04, without MPS, finished 11 of its 34 runs in 510 s); LIMIT (seconds,
 # default 540) stops every process by then, so a slower GPU still leaves its finished runs
 # (appended one by one; only the runs in flight are lost, and a rerun resumes). The LSTM runs
 # are lm-full's (the device is not part of a run id): they fill those rows of lm-full too.
@@ -12,7 +13,8 @@
 # A copy of the tree without git metadata (a device machine's) records no commit; there, SOURCE_MANIFEST
 # names a file made in the checkout by
 #   git ls-files -z dropgrad experiments ':!experiments/results' | xargs -0 sha256sum > M && git rev-parse HEAD > M.commit
-# (from a clean tree), and the runs record that commit only if every file of the copy matches it.
+# (from a clean tree), and the runs record that commit only if every file of the copy matches it
+# (experiments/gpu_loan.sh prepares and runs all of this for a device loan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! git rev-parse HEAD > /dev/null 2>&1 && [ -n "${SOURCE_MANIFEST:-}" ]; then
