@@ -11,10 +11,8 @@
 #   bash experiments/gpu_short.sh /tmp/gs device=cpu epochs=1 train_subset=2000 eval_tokens=2000 val_size=500 width=4
 # Extra KEY=VALUE arguments override every run's config (--set). Needs the data of experiments/get_data.sh.
 # A copy of the tree without git metadata (a device machine's) records no commit; there, SOURCE_MANIFEST
-# names a file made in the checkout by
-#   git ls-files -z dropgrad experiments ':!experiments/results' | xargs -0 sha256sum > M && git rev-parse HEAD > M.commit
-# (from a clean tree), and the runs record that commit only if every file of the copy matches it
-# (experiments/gpu_loan.sh prepares and runs all of this for a device loan).
+# names the file-hash manifest `experiments/gpu_loan.sh prepare` writes (.devdata/M, with the commit
+# in M.commit), and the runs record that commit only if every file of the copy matches it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! git rev-parse HEAD > /dev/null 2>&1 && [ -n "${SOURCE_MANIFEST:-}" ]; then

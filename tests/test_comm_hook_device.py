@@ -185,6 +185,16 @@ def _run_script(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProces
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
+def _import_script():
+    """benchmarks/gpu_distributed_checks.py as a module."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_distributed_checks as script
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return script
+
+
 @needs_dist
 def test_gpu_distributed_checks_script_runs_on_cpu(tmp_path):
     proc, report = _run_script(tmp_path)
@@ -203,11 +213,7 @@ def test_gpu_distributed_checks_script_runs_on_cpu(tmp_path):
 
 
 def test_gpu_distributed_checks_summary_fails_on_any_failure():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_distributed_checks as script
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    script = _import_script()
     ok = {"check": "a", "status": "ok", "backend": "gloo", "world": 2, "devices": ["cpu"], "detail": ""}
     skipped = {**ok, "check": "b", "status": "skipped"}
     assert script.exit_code([ok, skipped], expected=["a", "b"]) == 0
@@ -224,11 +230,7 @@ def test_hook_host_syncs_check_compares_against_the_hook_pass_buckets(tmp_path, 
     bucket count after the control pass had reset it, and failed on every GPU)."""
     import torch.distributed as dist
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_distributed_checks as script
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    script = _import_script()
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     monkeypatch.setattr(script, "ddp", lambda r, module, **kw: DDP(module, **kw))  # no device_ids on CPU
