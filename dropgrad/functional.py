@@ -226,9 +226,6 @@ def _fused_cpu_or_raise() -> bool:
     return True
 
 
-
-
-
 def drop_grad_(
     tensors: torch.Tensor | Iterable[torch.Tensor],
     drop_rate: float,

@@ -117,7 +117,6 @@ def is_live_marker(value: object) -> bool:
     return isinstance(value, str) and value.startswith("<live ")
 
 
-
 def _match_specificity(key: str, name: str) -> tuple[int, int] | None:
     """How specifically name key ``key`` matches parameter name ``name`` (None: no match).
 
