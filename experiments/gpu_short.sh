@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The GPU suite for a short loan: `python -m experiments suite gpu-short`, in processes sharing
-# one GPU (each run is small: one ResNet-20 process per seed, one LSTM process per seed and
-# setting), then the last lines of their logs. Sized for 10 minutes on one H200-class GPU (the first
-# loan, 2026-12-04, without MPS, finished 11 of its 34 runs in 510 s); LIMIT (seconds,
-# default 540) stops every process by then, so a slower GPU still leaves its finished runs
-# (appended one by one; only the runs in flight are lost, and a rerun resumes). The LSTM runs
+# The GPU suite for a short loan: `python -m experiments suite gpu-short`, one process per run,
+# PAR of them sharing one GPU, then the last lines of their logs. Sized for 10 minutes on one
+# H200-class GPU (the first loan, 2026-12-04, without MPS, finished 11 runs in 510 s); LIMIT
+# (seconds, default 540) stops every process by then, so a slower GPU still leaves its finished
+# runs (appended one by one; only the runs in flight are lost, and a rerun resumes). The LM runs
 # are lm-full's (the device is not part of a run id): they fill those rows of lm-full too.
 #   bash experiments/gpu_short.sh                      # the real thing (device=cuda), results in experiments/results
 #   bash experiments/gpu_short.sh RESULTS_DIR KEY=VAL  # e.g. a CPU smoke test:
@@ -44,26 +43,43 @@ if [ "${MPS:-auto}" != 0 ] && command -v nvidia-cuda-mps-control > /dev/null && 
 else
   echo "MPS: off"
 fi
-pids=()
-launch() {  # launch GROUP SEEDS [SETTING_REGEX]: one process per seed (and per setting, if given)
-  local group=$1 seeds=$2 setting=${3:-} k tag
-  for ((k = 0; k < seeds; k++)); do
-    tag="${group##* }-seed$k"; sel=()
-    if [ -n "$setting" ]; then sel=(--setting "$setting"); tag="$tag-$(printf '%s' "$setting" | tr -c 'a-zA-Z0-9.' '_' | tr -s '_')"; fi
-    OMP_NUM_THREADS=1 timeout "$LIMIT" "$PY" -m experiments suite gpu-short --group "$group" --seed-only "$k" "${sel[@]}" \
-      --results-dir "$RESULTS" --no-progress "${set_args[@]}" > "$RESULTS/gpu-short-$tag.log" 2>&1 &
-    pids+=($!)
-  done
-}
 set_args=(); [ $# -gt 0 ] && set_args=(--set "$@")
-# ResNet-20: one process per seed (5 runs each); LSTM: one per seed and setting, since its runs are
-# longer (early stopping) and lm-full's CPU runs may have finished some already (those exit at once)
-launch "gpu fmnist-full resnet20" "${IMAGE_SEEDS:-5}"
-lstm="gpu brown-full zaremba-small lstm"
-while IFS= read -r setting; do launch "$lstm" "${LM_SEEDS:-3}" "$setting"; done < <(
-  "$PY" -c "import re, sys; from experiments.suites import get_suite; g = sys.argv[1]
-for n in sorted({c.name for c in get_suite('gpu-short') if c.group == g}): print('^' + re.escape(n) + '\$')" "$lstm")
-status=0
-for p in "${pids[@]}"; do wait "$p" || status=1; done
-tail -n 3 "$RESULTS"/gpu-short-*.log
-exit $status
+# A queue of jobs, one run each (group, seed, setting), in the suite's order (setting by setting,
+# p=0.3 and its controls early: a loan cut short leaves complete comparisons), run PAR at a time
+# (default: one per CPU core under MPS, 8 time-sliced; the first loan time-sliced 8); runs finished
+# in RESULTS (lm-full's CPU runs included) are left out. Each job gets the time left until LIMIT.
+if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then PAR=${PAR:-$(nproc)}; else PAR=${PAR:-8}; fi
+deadline=$(($(date +%s) + LIMIT))
+shopt -s nullglob
+rm -f "$RESULTS"/gpu-short-*.log  # an earlier call's: this call's status is read from its own
+run_job() {  # run_job GROUP SEED SETTING_REGEX SECONDS
+  local tag rc=0
+  tag="${1##* }-seed$2-$(printf '%s' "$3" | tr -c 'a-zA-Z0-9.' '_' | tr -s '_')"
+  OMP_NUM_THREADS=1 timeout "$4" "$PY" -m experiments suite gpu-short --group "$1" --seed-only "$2" --setting "$3" \
+    --results-dir "$RESULTS" --no-progress "${set_args[@]}" > "$RESULTS/gpu-short-$tag.log" 2>&1 || rc=$?
+  echo "job rc=$rc" >> "$RESULTS/gpu-short-$tag.log"
+}
+queued=0
+while IFS=$'\t' read -r group seed setting; do
+  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do wait -n || true; done
+  left=$((deadline - $(date +%s)))
+  [ "$left" -gt 0 ] || break
+  run_job "$group" "$seed" "$setting" "$left" &
+  queued=$((queued + 1))
+done < <("$PY" -c "import re, sys
+from experiments.config import run_id
+from experiments.results import finished_ids
+from experiments.suites import get_suite
+done, seen = finished_ids(sys.argv[1]), set()
+for c in get_suite('gpu-short'):
+    job = (c.group, c.seed, '^' + re.escape(c.name) + '\$')
+    if run_id(c) not in done and job not in seen:
+        seen.add(job)
+        print(*job, sep='\t')" "$RESULTS")
+wait
+echo "$queued jobs started, PAR $PAR"
+logs=("$RESULTS"/gpu-short-*.log)
+[ ${#logs[@]} -eq 0 ] || tail -n 3 "${logs[@]}"
+# a job stopped by the limit (124) is expected; any other failure is not
+failed=$( ((${#logs[@]})) && grep -L -x "job rc=\(0\|124\)" "${logs[@]}" || true)
+if [ -n "$failed" ]; then echo "failed: $failed" >&2; exit 1; fi

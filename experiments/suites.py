@@ -322,27 +322,32 @@ def brown_full() -> list[RunConfig]:
 
 
 def gpu_short() -> list[RunConfig]:
-    """What one GPU does in under 10 minutes (``experiments/gpu_short.sh`` runs the seeds in parallel).
+    """What one GPU does in a short loan (``experiments/gpu_short.sh`` runs them in parallel).
 
-    ResNet-20 on all of Fashion-MNIST (55k training images, SGD + cosine, 15 epochs) and the
-    Zaremba-small LSTM on the whole Brown corpus: p 0/0.1/0.3 and both controls at 0.3, 3 seeds
-    (each seed's runs in the order p=0, p=0.3, its controls, p=0.1).
-    The LSTM runs are ``lm-full``'s (early stopping, patience 2, at most 20 epochs; the device
+    ResNet-20 on all of Fashion-MNIST (55k training images, SGD + cosine, 15 epochs), and the
+    whole Brown corpus with the Zaremba-small LSTM (p 0/0.1/0.3 and both controls at 0.3) and
+    with ``lm-full``'s small transformer (every setting of its group), 3 seeds.
+    The LM runs are ``lm-full``'s (early stopping, patience 2, at most 20 epochs; the device
     is not part of a run id), so a GPU loan also fills those rows of ``lm-full``.
+    Ordered as a queue: setting by setting (p=0, then p=0.3 and its two controls, so a loan cut
+    short leaves a complete comparison, then p=0.1 and the rest), each for every group and seed.
     """
     grid, controls = _rate_and_controls((0.1, 0.3))
-    # p=0.3 and its two controls before p=0.1: a loan cut short leaves a complete comparison
-    order = ("p=0", "dg 0.3", "lr x sqrt(1-0.3)", "gauss noise 0.3", "dg 0.1")
-    settings = {k: {**grid, **controls}[k] for k in order}
+    order = ("p=0", "dg 0.3", "lr x sqrt(1-0.3)", "gauss noise 0.3", "dg 0.1", "dropout 0.1", "lr x sqrt(1-0.1)",
+             "gauss noise 0.1")
+    every = {**grid, **controls, "dropout 0.1": {"dropout": 0.1}}
+    short = {k: every[k] for k in order[:5]}
     resnet = RunConfig(
         suite="gpu-short", task="fashion_mnist", model="resnet", width=16, layers=3, optimizer="sgd", lr=0.1, momentum=0.9,
         weight_decay=5e-4, batch_size=128, epochs=15, lr_decay="cosine", device="cuda", test_every_epoch=False,
     )
     # with SGD the expected step is unchanged by DropGrad; the lr control still shows what a smaller step does
-    runs = _seed_major(_group(resnet, "gpu fmnist-full resnet20", settings, IMAGE_SEEDS, "p=0"))
-    lstm = BROWN_ZAREMBA.replace(suite="gpu-short", device="cuda")
-    runs += _seed_major(_group(lstm, "gpu brown-full zaremba-small lstm", settings, LM_SEEDS, "p=0"))
-    return runs
+    runs = _group(resnet, "gpu fmnist-full resnet20", short, IMAGE_SEEDS, "p=0")
+    runs += _group(BROWN_ZAREMBA.replace(suite="gpu-short", device="cuda"), "gpu brown-full zaremba-small lstm", short,
+                   LM_SEEDS, "p=0")
+    runs += _group(BROWN_TF_SMALL.replace(suite="gpu-short", device="cuda"), "gpu brown-full transformer",
+                   {k: every[k] for k in order}, LM_SEEDS, "p=0")
+    return sorted(runs, key=lambda c: order.index(c.name))  # stable: group, then seed, within a setting
 
 
 SUITES = {
@@ -357,7 +362,7 @@ DESCRIPTIONS = {
     "image": "Fashion-MNIST MLP (full, 1k, 5k, 20%/40% label noise) and CNN; baselines x DropGrad (5 seeds)",
     "ablations": "Fashion-MNIST 5k MLP: drop rate, schedules, full update drop, per-layer, optimizers, controls",
     "overfit": "Fashion-MNIST 1k/5k x 0/20/40% label noise, MLP 784-512-512: p 0.1/0.3/0.5 with both controls, dropout, wd, adaptive (10 seeds)",
-    "gpu-short": "one GPU, < 10 min: ResNet-20 on all of Fashion-MNIST, Zaremba-small LSTM on the whole Brown corpus (lm-full's runs; 3 seeds; experiments/gpu_short.sh)",
+    "gpu-short": "one GPU, < 10 min: ResNet-20 on all of Fashion-MNIST, Zaremba-small LSTM and small transformer on the whole Brown corpus (lm-full's runs; 3 seeds; experiments/gpu_short.sh)",
     "rl": "stable-baselines3 PPO on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3 and both controls (10 seeds)",
     "generative": "VAE on Fashion-MNIST 20k (test -ELBO) and char-level Shakespeare LSTM: p 0/0.1/0.3, controls, dropout (5 seeds)",
     "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; hours each on CPU)",

@@ -563,20 +563,34 @@ def test_gpu_short_and_lm_full_suites_run_on_cpu_with_tiny_settings(tmp_path, ca
     code = main(["suite", "gpu-short", "--seed-only", "0", "--results-dir", str(tmp_path / "r"), "--no-progress", "--set", *tiny])
     assert code == 0
     runs = load_runs([str(tmp_path / "r" / "gpu-short.jsonl")])
-    assert {r.config["model"] for r in runs} == {"resnet", "lstm"} and len(runs) == 10 and all(r.config["seed"] == 0 for r in runs)
-    code = main(["suite", "lm-full", "--seed-only", "0", "--group", "transformer", "--results-dir", str(tmp_path / "r"), "--no-progress", "--set", *tiny])
-    assert code == 0 and len(load_runs([str(tmp_path / "r" / "lm-full.jsonl")])) == 8  # p 0/0.1/0.3, dropout, 2 x 2 controls
+    assert {r.config["model"] for r in runs} == {"resnet", "lstm", "transformer"} and len(runs) == 18
+    assert all(r.config["seed"] == 0 for r in runs)
+    capsys.readouterr()
+    # lm-full's dropout runs: the LSTM's is not gpu-short's; the transformer's is, and gpu-short ran it
+    code = main(["suite", "lm-full", "--seed-only", "0", "--setting", "^dropout", "--results-dir", str(tmp_path / "r"),
+                 "--no-progress", "--set", *tiny])
+    ran = load_runs([str(tmp_path / "r" / "lm-full.jsonl")])
+    assert code == 0 and [(r.config["model"], r.config["name"]) for r in ran] == [("lstm", "dropout 0.3")]
+    assert "1 of 2 runs already finished" in capsys.readouterr().out
 
 
-def test_gpu_short_lstm_runs_are_lm_full_runs():
+def test_gpu_short_lm_runs_are_lm_full_runs_queued_setting_by_setting():
     from experiments.suites import get_suite
 
-    full = {run_id(c): c for c in get_suite("lm-full") if c.model == "lstm"}
-    gpu = [c for c in get_suite("gpu-short") if c.model == "lstm"]
-    assert len(gpu) == 15 and all(c.device == "cuda" for c in gpu)
+    full = {run_id(c): c for c in get_suite("lm-full")}
+    suite = get_suite("gpu-short")
+    gpu = [c for c in suite if c.model != "resnet"]
+    assert len(gpu) == 15 + 24 and all(c.device == "cuda" for c in gpu)  # LSTM: 5 settings; transformer: all 8
     shared = [full[run_id(c)] for c in gpu if run_id(c) in full]
-    assert len(shared) == len(gpu)  # a GPU loan's LSTM runs fill lm-full's rows (the device is not in the id)
+    assert len(shared) == len(gpu)  # a GPU loan's LM runs fill lm-full's rows (the device is not in the id)
     assert all(f.device == "cpu" and f.name == g.name and f.seed == g.seed for f, g in zip(shared, gpu))
+    assert {c.model for c in gpu} == {"lstm", "transformer"}
+    # the queue experiments/gpu_short.sh runs: p=0 everywhere, then p=0.3 and its controls, then the rest
+    names = list(dict.fromkeys(c.name for c in suite))
+    assert names[:5] == ["p=0", "dg 0.3", "lr x sqrt(1-0.3)", "gauss noise 0.3", "dg 0.1"] and len(names) == 8
+    assert [c.name for c in suite] == sorted((c.name for c in suite), key=names.index)
+    assert [(c.model, c.seed) for c in suite if c.name == "p=0"] == [
+        *(("resnet", s) for s in range(5)), *(("lstm", s) for s in range(3)), *(("transformer", s) for s in range(3))]
 
 
 def test_the_running_time_table_names_the_gpu_of_cuda_runs_and_the_cpu_of_others():
