@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import operator
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -250,12 +251,15 @@ class ParamRegistry:
     the wrapped optimizer: their tensors join the registry), and parameters
     removed from or reordered within a group. A cheap identity check: no
     tensor is read, and the common case is one pass of ``is`` comparisons.
+    The registry holds the tensors weakly: it keeps none alive.
     """
 
     def __init__(self, param_groups: list[dict]) -> None:
         self._last: list[torch.Tensor] = []
         self._groups = 0
-        self._known: dict[int, torch.Tensor] = {}  # strong references: an id is never reused under us
+        # weak: a parameter removed from its group and dropped by its owner is freed (with its
+        # gradient); its entry goes with it, so a tensor reusing its id is not taken for it
+        self._known: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.check(param_groups, adopt=True)
 
     def check(self, param_groups: list[dict], adopt: bool = False) -> None:

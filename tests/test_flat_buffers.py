@@ -11,9 +11,11 @@ asserts the error text there.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -59,6 +61,24 @@ def test_the_error_names_deepspeed_when_it_is_loaded_and_removal_stays_allowed(m
     opt.param_groups[0]["params"][2] = torch.nn.Parameter(torch.zeros(2, 3))  # same shape, another tensor
     with pytest.raises(ValueError, match=r"\['params'\]\[2\] \(shape \(2, 3\)\).*"
                                          r"DeepSpeed is loaded: its ZeRO stages 1 and 2"):
+        opt.step()
+
+
+def test_a_removed_parameter_is_not_kept_alive_and_a_tensor_in_its_place_is_refused():
+    keep = torch.nn.Parameter(torch.ones(3))
+    gone = torch.nn.Parameter(torch.ones(1000))
+    gone.grad = torch.ones(1000)
+    opt = DropGrad(torch.optim.SGD([keep, gone], lr=0.1), drop_rate=0.5, seed=0)
+    opt.param_groups[0]["params"].pop(1)  # gone
+    keep.grad = torch.ones(3)
+    opt.step()
+    ref = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert ref() is None  # neither DropGrad nor its registry holds it (nor its gradient)
+    stranger = torch.nn.Parameter(torch.ones(1000))  # may even reuse the freed tensor's id
+    opt.param_groups[0]["params"].append(stranger)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\] \(shape \(1000,\)\) is none of the 1 tensors"):
         opt.step()
 
 
