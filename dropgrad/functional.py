@@ -147,12 +147,17 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
     if impl == "reference":
         reference.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         return
-    if not on_cuda and max(offsets) <= MAX_OFFSET - max(numels) and servable(grads, "cpu"):
+    fits = max(offsets) <= MAX_OFFSET - max(numels)
+    if not on_cuda and fits and servable(grads, "cpu"):
         # the common case: every tensor a plain CPU tensor, one C call
         if cpu.ready() or (impl == "fused" and _fused_cpu_or_raise()):
             cpu.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         else:
             reference.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
+        return
+    if on_cuda and fits and cuda.available() and servable(grads, "cuda"):
+        # the common GPU case: the call the loop below would make, without its Python pass per tensor
+        cuda.mask_(grads, indices, thresholds, scales, offsets, prefix, stream)
         return
     groups: dict[str, list[int]] = {"cpu": [], "cuda": [], "reference": []}
     has_cpu = any(g.device.type == "cpu" for g in grads)  # only then may the C kernel be built

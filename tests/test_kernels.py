@@ -549,6 +549,32 @@ def test_nothing_on_the_cpu_never_touches_the_c_kernel(monkeypatch):
     assert calls == []
 
 
+def test_an_all_cuda_list_reaches_the_triton_kernel_in_one_call_without_a_per_tensor_pass(monkeypatch):
+    # routing only (CPU tensors posing as CUDA ones); tests/test_cuda.py checks the bits on a GPU
+    import dropgrad.functional as F
+    from dropgrad.kernels import common, cuda
+
+    calls, looked_at = [], []
+    monkeypatch.setattr(F, "_get_is_cuda", lambda g: True)
+    monkeypatch.setattr(F, "servable", lambda grads, device_type: common.servable(grads, None))
+    monkeypatch.setattr(F, "unservable_reason", lambda g, kind: looked_at.append(g) or common.unservable_reason(g, None))
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(cuda, "refuse_graph_capture", lambda: None)
+    monkeypatch.setattr(cuda, "mask_", lambda *args: calls.append(args))
+    grads = [torch.randn(7), torch.randn(3, 2, dtype=torch.bfloat16), torch.randn(5, dtype=torch.float64)]
+    apply_masks_(grads, [0, 4, 2], [1 << 31] * 3, [2.0] * 3, prefix=9, stream=1)
+    assert looked_at == [] and len(calls) == 1
+    got, indices, thresholds, scales, offsets, prefix, stream = calls[0]
+    assert [id(g) for g in got] == [id(g) for g in grads] and list(indices) == [0, 4, 2]
+    assert (list(thresholds), list(scales), list(offsets), prefix, stream) == ([1 << 31] * 3, [2.0] * 3, [0] * 3, 9, 1)
+    # one tensor the kernel cannot take (not contiguous): the per-tensor pass sorts them (here, being
+    # CPU tensors after all, towards the C kernel and the reference)
+    calls.clear()
+    grads[1] = torch.randn(4, 6).t()
+    apply_masks_(grads, [0, 4, 2], [1 << 31] * 3, [2.0] * 3, prefix=9, stream=1)
+    assert len(looked_at) == 3 and calls == []
+
+
 @pytest.fixture
 def rebuild(monkeypatch, tmp_path):
     """Forget the loaded kernel; build it afresh into an empty cache; restore afterwards."""
