@@ -189,6 +189,8 @@ class DropGrad(torch.optim.Optimizer):
         self._last_step_record: tuple[int, bool, float | None, list[tuple[int, int, float]]] | None = None
         # the plan of the step in progress (between _begin_step and _end_step), else None
         self._pending_plan: list[tuple[int, torch.Tensor, float]] | None = None
+        # whether the last mask pass over that plan found every gradient present and dense
+        self._pending_dense = False
 
         for i, group in enumerate(self.param_groups):
             if "drop_rate" in group:
@@ -258,6 +260,7 @@ class DropGrad(torch.optim.Optimizer):
         self.__dict__.setdefault("_seed_agreed", False)  # pickled before distributed support
         self.__dict__.setdefault("_premasked", {})
         self.__dict__.setdefault("_pending_plan", None)
+        self.__dict__.setdefault("_pending_dense", False)
         self._registry = ParamRegistry(self.param_groups)
         self.__dict__.setdefault("_dcp_load", None)
         self.__dict__.setdefault("_param_names", [])  # pickled before names were kept: unknown
@@ -515,7 +518,10 @@ class DropGrad(torch.optim.Optimizer):
         stream = _masks.MASKS_STREAM + evaluation
         owned = zero_owned_param_ids(self.optimizer)  # None: every parameter
         thresholds, scales = self._rate_tables(rates)
-        if owned is None and not self._premasked and set(map(type, grads)) == _PLAIN and not any(map(_is_sparse, grads)):
+        dense = set(map(type, grads)) == _PLAIN and not any(map(_is_sparse, grads))
+        if plan is self._pending_plan:
+            self._pending_dense = dense  # then _end_step need not look at the gradients again
+        if owned is None and not self._premasked and dense:
             # the common case, list-wide: the dispatcher picks the kernel once for the whole step
             self._apply_masks(cast("list[torch.Tensor]", grads), indices, thresholds, scales, None, stream)
             return
@@ -577,6 +583,7 @@ class DropGrad(torch.optim.Optimizer):
         default = None if self._drop_rate is None else evaluate_rate(self._drop_rate, self._step_count, cache)
         skip = self._skip_this_step(cache)
         self._pending_plan = plan
+        self._pending_dense = False
         self._pending_evaluations = itertools.count()
         self._pending_default = default
         if mask_now and not skip:
@@ -606,8 +613,8 @@ class DropGrad(torch.optim.Optimizer):
     def _end_step(self, skip: bool) -> None:
         plan = self._pending_plan
         indices, params, rates = zip(*plan) if plan else ((), (), ())
-        grads = [p.grad for p in params]
-        if type(None) not in set(map(type, grads)) and not any(map(_is_sparse, grads)):
+        grads = None if self._pending_dense else [p.grad for p in params]
+        if grads is None or type(None) not in set(map(type, grads)) and not any(map(_is_sparse, grads)):
             sizes = list(zip(indices, map(torch.Tensor.numel, params), rates))  # the common case, no Python loop
         else:
             sizes = []
@@ -617,6 +624,7 @@ class DropGrad(torch.optim.Optimizer):
         self._last_step_record = (self._step_count, skip, self._pending_default, sizes)
         # nothing of the step lingers: pickling itertools.count goes away in Python 3.14
         self._pending_plan = self._pending_evaluations = None  # type: ignore[assignment]
+        self._pending_dense = False
         if skip and hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
             # an LR scheduler built on the wrapped optimizer tracks its step calls;
             # a deliberate skip is still a step, so don't let it warn about order

@@ -563,6 +563,25 @@ def test_stats_sizes_with_none_and_sparse_gradients():
     assert st["expected_dropped_fraction"] == pytest.approx((12 * 0.1 + 12 * 0.2 + 3 * 0.3) / 27, rel=1e-12)
 
 
+def test_stats_count_each_steps_own_gradients_after_a_dense_step():
+    # a dense step lets the step skip its second look at the gradients; the next steps look again
+    lin = torch.nn.Linear(4, 3)
+    opt = DropGrad(torch.optim.SGD(lin.parameters(), lr=0.0), params={lin.weight: 0.2, lin.bias: 0.4}, seed=0,
+                   full_update_drop=lambda step: float(step == 1))  # the second step is skipped
+    lin.weight.grad, lin.bias.grad = torch.ones(3, 4), torch.ones(3)
+    opt.step()
+    assert opt.stats()["expected_dropped_fraction"] == pytest.approx((12 * 0.2 + 3 * 0.4) / 15, rel=1e-12)
+    lin.weight.grad, lin.bias.grad = None, torch.ones(3)  # a skipped step masks nothing; still its own sizes
+    opt.step()
+    st = opt.stats()
+    assert st["skipped"] and (st["min_drop_rate"], st["expected_dropped_fraction"]) == (0.4, pytest.approx(0.4))
+    lin.weight.grad, lin.bias.grad = torch.ones(3, 4), None
+    opt.step()
+    st = opt.stats(exact=True)
+    assert st["expected_dropped_fraction"] == pytest.approx(0.2, rel=1e-12) and st["max_drop_rate"] == 0.2
+    assert st["dropped_fraction"] == (lin.weight.grad == 0).sum().item() / 12
+
+
 # ---------------------------------------------------------------- checkpoints
 def _save_load(sd):
     buf = io.BytesIO()
