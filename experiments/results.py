@@ -5,12 +5,16 @@ Each line is one record:
 * ``{"type": "start", "run": id, "attempt": uuid, "config": {...}, "env": {...}}``
 * ``{"type": "epoch", "run": id, "attempt": uuid, "metrics": {...}}``
 * ``{"type": "end", "run": id, "attempt": uuid, "summary": {...}, "wall_s": ...}``
+  (with ``"resumed_after_epoch": k`` when the attempt continued an epoch checkpoint)
 * ``{"type": "error", "run": id, "attempt": uuid, "error": "..."}``
 
 A run counts as finished once an ``end`` record exists for its id; a restarted
-suite skips finished runs and starts unfinished ones afresh under a new
+suite skips finished runs and starts unfinished ones again under a new
 attempt id, so a half-written run never mixes with a complete one. Lines are
-flushed and fsynced one by one: a killed process loses at most its current run.
+flushed and fsynced one by one: a killed process loses at most its current run,
+and a language-model run not even that: it continues from the checkpoint of its
+last finished epoch (:mod:`experiments.checkpoints`), and the new attempt's
+records repeat the epochs found there, so it holds the whole run.
 """
 
 from __future__ import annotations
@@ -229,6 +233,7 @@ def run_suite(
             (a run with no estimate yet is started while time is left). For a
             session of fixed length: no run is cut off at its end half done.
     """
+    from .checkpoints import EpochCheckpoint, checkpoint_path, saved_wall_s
     from .train import run_to_end
 
     done = finished_ids(results_dir)
@@ -253,6 +258,8 @@ def run_suite(
             break
         if estimates is not None:
             need = estimates.of(cfg)
+            if need is not None:  # a run resuming from an epoch checkpoint needs only the rest
+                need = max(need - saved_wall_s(checkpoint_path(results_dir, cfg)), 0.0)
             if elapsed >= finish_by_s or (need is not None and elapsed + need > finish_by_s):
                 counts["left"] += 1
                 log(f"run {cfg.group}/{cfg.name} seed {cfg.seed} left for later: expected {need or 0:.0f}s, "
@@ -266,18 +273,24 @@ def run_suite(
         run_env = {**env, "torch_threads": torch.get_num_threads(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         rf.append({"type": "start", "run": rid, "attempt": attempt, "config": dataclasses.asdict(cfg), "env": run_env})
         t0 = time.time()
+        ckpt = EpochCheckpoint(checkpoint_path(results_dir, cfg), cfg, log)  # a killed LM run resumes from it
         try:
-            summary = run_to_end(cfg, lambda m, rf=rf, rid=rid, attempt=attempt: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress)
+            summary = run_to_end(cfg, lambda m, rf=rf, rid=rid, attempt=attempt: rf.append({"type": "epoch", "run": rid, "attempt": attempt, "metrics": m}), progress, ckpt)
         except (FloatingPointError, RuntimeError, ValueError) as exc:
             from .data import DatasetMissing
 
             if isinstance(exc, DatasetMissing):
                 raise
             rf.append({"type": "error", "run": rid, "attempt": attempt, "error": "".join(traceback.format_exception_only(exc)).strip()})
+            ckpt.remove()
             counts["failed"] += 1
             log(f"run {cfg.group}/{cfg.name} seed {cfg.seed} failed (recorded, not retried): {exc}")
             continue
-        rf.append({"type": "end", "run": rid, "attempt": attempt, "summary": summary, "wall_s": time.time() - t0})
+        end = {"type": "end", "run": rid, "attempt": attempt, "summary": summary, "wall_s": ckpt.earlier_wall_s + time.time() - t0}
+        if ckpt.resumed_from_epoch:
+            end["resumed_after_epoch"] = ckpt.resumed_from_epoch  # wall_s includes the earlier attempts'
+        rf.append(end)
+        ckpt.remove()
         counts["ran"] += 1
         if estimates is not None:
             estimates.add(cfg, time.time() - t0)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from .checkpoints import EpochCheckpoint
 from .config import RunConfig
 from .models import build_image_model, build_lm
 from .progress import bar
@@ -345,7 +346,7 @@ def _detach(state):
     return tuple(s.detach() for s in state)
 
 
-def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
+def _train_lm(cfg: RunConfig, progress: bool, checkpoint: EpochCheckpoint | None = None) -> Generator[dict, None, dict]:
     d = _load_tokens(cfg.task, cfg.data_dir, cfg.vocab_size)
     train_ids = d.train[: cfg.train_subset] if cfg.train_subset else d.train
     cap = cfg.eval_tokens or None
@@ -364,9 +365,23 @@ def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
     recurrent = cfg.model == "lstm"
 
     best = (math.inf, -1)
-    history = []
+    history: list[dict] = []
     stale = 0
-    for epoch in range(cfg.epochs):
+    t_start = time.time()
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])  # DropGrad's: seed, step count, schedule positions too
+        if sched is not None:
+            sched.load_state_dict(saved["lr_schedule"])
+        if noise is not None:
+            noise.gen.set_state(saved["noise_rng"])
+        torch.set_rng_state(saved["torch_rng"])  # dropout's draws
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        history, best, stale = saved["history"], tuple(saved["best"]), saved["stale"]
+        yield from history  # this attempt's records hold every epoch of the run
+    for epoch in range(len(history), cfg.epochs):
         t0 = time.time()
         state = None
         loss_sum, count = 0.0, 0
@@ -398,20 +413,34 @@ def _train_lm(cfg: RunConfig, progress: bool) -> Generator[dict, None, dict]:
             "epoch_s": time.time() - t0,
         }
         history.append(m)
-        yield m
         report_epoch(rate_sched, train_loss, vl)
         if vl < best[0]:
             best = (vl, epoch)
             stale = 0
         else:
             stale += 1
-            if cfg.patience and stale >= cfg.patience:
-                break
+        stop = bool(cfg.patience) and stale >= cfg.patience
+        if checkpoint is not None and not stop and epoch + 1 < cfg.epochs:
+            checkpoint.save({  # before the epoch is reported: its record never outruns the checkpoint
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "lr_schedule": None if sched is None else sched.state_dict(),
+                "noise_rng": None if noise is None else noise.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if str(cfg.device).startswith("cuda") else None,
+                "history": history, "best": best, "stale": stale,
+                "wall_s": checkpoint.earlier_wall_s + time.time() - t_start,
+            })
+        yield m
+        if stop:
+            break
     return _summarize(history, best[1], "ppl")
 
 
-def train(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, dict]:
-    """Yield per-epoch metrics of one run; the generator's return value is the summary."""
+def train(cfg: RunConfig, progress: bool = False, checkpoint: EpochCheckpoint | None = None) -> Generator[dict, None, dict]:
+    """Yield per-epoch metrics of one run; the generator's return value is the summary.
+
+    ``checkpoint``: where a language-model run saves its state after each epoch and
+    resumes from (:mod:`experiments.checkpoints`); the other runs are short and ignore it.
+    """
     torch.set_num_threads(cfg.threads)
     if cfg.task in ("cartpole", "acrobot"):
         from .rl import train_rl
@@ -422,12 +451,13 @@ def train(cfg: RunConfig, progress: bool = False) -> Generator[dict, None, dict]
 
         return (yield from train_vae(cfg, progress))
     if is_language(cfg):
-        return (yield from _train_lm(cfg, progress))
+        return (yield from _train_lm(cfg, progress, checkpoint))
     return (yield from _train_images(cfg, progress))
 
 
-def run_to_end(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
-    gen = train(cfg, progress)
+def run_to_end(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+               checkpoint: EpochCheckpoint | None = None) -> dict:
+    gen = train(cfg, progress, checkpoint)
     while True:
         try:
             m = next(gen)

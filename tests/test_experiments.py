@@ -289,7 +289,7 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
     real = T.run_to_end
     calls = []
 
-    def interrupted(cfg, on_epoch=None, progress=False):
+    def interrupted(cfg, on_epoch=None, progress=False, checkpoint=None):
         calls.append(cfg.name)
         if cfg.name == "rate2":  # killed in the middle of its second epoch
             gen = T.train(cfg)
@@ -305,7 +305,7 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
 
     calls.clear()
 
-    def restarted(cfg, on_epoch=None, progress=False):  # a new process: nothing gets killed
+    def restarted(cfg, on_epoch=None, progress=False, checkpoint=None):  # a new process: nothing gets killed
         calls.append(cfg.name)
         return real(cfg, on_epoch, progress)
 
@@ -318,6 +318,85 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
     assert counts["ran"] == 0 and counts["skipped"] == 4
 
 
+def _ptb_fixture(root):
+    ptb = root / "ptb"
+    ptb.mkdir()
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    for split, n in (("train", 400), ("valid", 48), ("test", 48)):
+        lines = [" ".join(rng.choice(words, 8)) for _ in range(n // 8)]
+        (ptb / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("model", ["lstm", "transformer"])
+def test_a_killed_lm_run_resumes_from_its_epoch_checkpoint_bitwise(tmp_path, model):
+    # every state the rest of a run depends on: dropout's RNG, DropGrad's step count (masks), a cosine
+    # LR schedule, early stopping; the noise control's generator in the second config
+    from experiments.checkpoints import EpochCheckpoint
+    from experiments.train import train
+
+    _ptb_fixture(tmp_path)
+    base = RunConfig(task="ptb", data_dir=str(tmp_path), model=model, emb=16, hidden=16, layers=1, heads=2, bptt=8,
+                     batch_size=4, epochs=4, patience=3, clip_grad=1.0, dropout=0.3, lr_decay="cosine")
+    for cfg in (base.replace(drop_rate=0.3), base.replace(grad_noise=0.3, optimizer="sgd", lr=0.5)):
+        whole: list[dict] = []
+        want = run_to_end(cfg, whole.append)
+        path = str(tmp_path / f"{model}-{cfg.drop_rate}.pt")
+        gen = train(cfg, checkpoint=EpochCheckpoint(path, cfg, log=lambda *a: None))
+        first = [next(gen), next(gen)]  # killed in its third epoch: the checkpoint holds epochs 1-2
+        gen.close()
+        assert os.path.exists(path) and os.path.exists(path + ".json")
+        ck = EpochCheckpoint(path, cfg, log=lambda *a: None)
+        again: list[dict] = []
+        got = run_to_end(cfg, again.append, checkpoint=ck)
+        assert ck.resumed_from_epoch == 2 and ck.earlier_wall_s > 0
+        assert got == want  # bitwise: every float of the summary
+        timeless = lambda ms: [{k: v for k, v in m.items() if k != "epoch_s"} for m in ms]  # noqa: E731
+        assert timeless(again) == timeless(whole) and timeless(first) == timeless(whole[:2])
+
+
+def test_the_harness_resumes_a_killed_lm_run_and_sets_aside_a_foreign_checkpoint(tmp_path, monkeypatch):
+    import experiments.train as T
+    from experiments.checkpoints import EpochCheckpoint, checkpoint_path
+
+    _ptb_fixture(tmp_path)
+    cfg = RunConfig(suite="t", group="g", name="dg", task="ptb", data_dir=str(tmp_path), model="lstm", emb=16,
+                    hidden=16, layers=1, bptt=8, batch_size=4, epochs=3, drop_rate=0.3)
+    results = tmp_path / "results"
+    real = T.run_to_end
+
+    def killed_before_recording_epoch_two(cfg, on_epoch=None, progress=False, checkpoint=None):
+        gen = T.train(cfg, progress, checkpoint)
+        on_epoch(next(gen))
+        next(gen)  # epoch 2 done and checkpointed, its record not yet written
+        raise _Killed
+
+    monkeypatch.setattr(T, "run_to_end", killed_before_recording_epoch_two)
+    with pytest.raises(_Killed):
+        run_suite([cfg], str(results), progress=False, log=lambda *a: None)
+    path = checkpoint_path(str(results), cfg)
+    assert os.path.exists(path)
+    monkeypatch.setattr(T, "run_to_end", real)
+    lines: list[str] = []
+    counts = run_suite([cfg], str(results), progress=False, log=lines.append)
+    assert counts["ran"] == 1 and any("resuming from" in x and "after epoch 2" in x for x in lines)
+    assert not os.path.exists(path) and not os.path.exists(path + ".json")  # gone with the finished run
+    records = [json.loads(x) for x in (results / "t.jsonl").read_text().splitlines()]
+    end = [r for r in records if r["type"] == "end"]
+    assert len(end) == 1 and end[0]["resumed_after_epoch"] == 2
+    (run,) = load_runs([str(results / "t.jsonl")])
+    assert [m["epoch"] for m in run.epochs] == [1, 2, 3] and run.summary == real(cfg)  # the whole run, as if never killed
+    # a checkpoint of another device (or code, or run) is not resumed: set aside, the run starts afresh
+    other = cfg.replace(seed=1)
+    ck = EpochCheckpoint(checkpoint_path(str(results), other), other.replace(device="meta"), log=lambda *a: None)
+    ck.save({"history": [{"epoch": 1}], "wall_s": 1.0})
+    lines.clear()
+    run_suite([other], str(results), progress=False, log=lines.append)
+    assert any("of another device: set aside" in x for x in lines)
+    (run,) = [r for r in load_runs([str(results / "t.jsonl")]) if r.config["seed"] == 1]
+    assert run.summary == real(other)
+
+
 def test_finish_by_starts_only_runs_expected_to_fit(tmp_path, monkeypatch):
     import types
 
@@ -328,7 +407,7 @@ def test_finish_by_starts_only_runs_expected_to_fit(tmp_path, monkeypatch):
     clock = [0.0]
     started = []
 
-    def fake_run(cfg, on_epoch=None, progress=False):  # takes its setting's duration on a fake clock
+    def fake_run(cfg, on_epoch=None, progress=False, checkpoint=None):  # takes its setting's duration on a fake clock
         started.append((cfg.name, cfg.seed))
         clock[0] += durations[cfg.name]
         return {"best": {}, "final": {}}
