@@ -10,8 +10,9 @@ restarted run loads it and continues bitwise as if never stopped
 (``tests/test_experiments.py`` checks this).
 
 A checkpoint is used only by the same run (run id), on the same device and under the
-same code (a hash of ``dropgrad/`` and ``experiments/*.py``); any other is set aside
-with a message and the run starts afresh. The harness keeps checkpoints in
+same training code (a hash of ``dropgrad/`` and the experiments' files that compute a
+run, :data:`TRAINING_SOURCES`; the report, the suites' lists and the harness may change
+in between); any other is set aside with a message and the run starts afresh. The harness keeps checkpoints in
 ``<results dir>/checkpoints/<run id>.pt`` (ignored by git) and deletes one when its run
 ends or fails.
 """
@@ -28,16 +29,19 @@ import torch
 
 from .config import RunConfig, run_id
 
-__all__ = ["EpochCheckpoint", "source_fingerprint", "checkpoint_path", "saved_wall_s"]
+__all__ = ["EpochCheckpoint", "source_fingerprint", "checkpoint_path", "saved_wall_s", "TRAINING_SOURCES"]
+
+#: the files of ``experiments/`` a run's numbers (and its resumption) depend on
+TRAINING_SOURCES = ("checkpoints.py", "config.py", "data.py", "generative.py", "models.py", "rl.py", "train.py")
 
 def source_fingerprint() -> str:
-    """sha256 over the files a run's numbers depend on: ``dropgrad/`` (Python and C) and ``experiments/*.py``."""
+    """sha256 over the files a run's numbers depend on: ``dropgrad/`` (Python and C) and :data:`TRAINING_SOURCES`."""
     import dropgrad
 
     h = hashlib.sha256()
     package = Path(dropgrad.__file__).parent
     files = sorted(p for p in package.rglob("*") if p.suffix in (".py", ".c"))
-    files += sorted(Path(__file__).parent.glob("*.py"))
+    files += [Path(__file__).parent / name for name in TRAINING_SOURCES]
     for f in files:
         h.update(f"{f.parent.name}/{f.name}\0".encode())
         h.update(f.read_bytes())
