@@ -246,14 +246,18 @@ def test_gaussian_noise_control_matches_dropgrad_variance():
     assert w.grad.var().item() == pytest.approx(4.0 * p / (1 - p), rel=0.02)
 
 
-def test_language_models_run_on_a_text_fixture(tmp_path):
-    ptb = tmp_path / "ptb"
+def _ptb_fixture(root):
+    ptb = root / "ptb"
     ptb.mkdir()
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(30)]
-    for split, n in (("train", 300), ("valid", 40), ("test", 40)):
+    for split, n in (("train", 400), ("valid", 48), ("test", 48)):
         lines = [" ".join(rng.choice(words, 8)) for _ in range(n // 8)]
         (ptb / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_language_models_run_on_a_text_fixture(tmp_path):
+    _ptb_fixture(tmp_path)
     for model in ("lstm", "transformer"):
         cfg = RunConfig(task="ptb", data_dir=str(tmp_path), model=model, emb=16, hidden=16, layers=1, heads=2, bptt=8,
                         batch_size=4, epochs=2, drop_rate=0.1, clip_grad=1.0)
@@ -316,16 +320,6 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, monkeypatch):
     assert len(runs) == 4 and len(runs["rate2"].epochs) == 2  # the half-done attempt is not mixed in
     counts = run_suite(configs, str(tmp_path), progress=False, log=lambda *a: None)
     assert counts["ran"] == 0 and counts["skipped"] == 4
-
-
-def _ptb_fixture(root):
-    ptb = root / "ptb"
-    ptb.mkdir()
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(30)]
-    for split, n in (("train", 400), ("valid", 48), ("test", 48)):
-        lines = [" ".join(rng.choice(words, 8)) for _ in range(n // 8)]
-        (ptb / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("model", ["lstm", "transformer"])
