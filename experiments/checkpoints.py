@@ -1,8 +1,8 @@
 """Epoch checkpoints: a language-model run killed mid-way resumes from its last finished epoch.
 
 The harness resumes a suite by run id, but a run without an ``end`` record starts
-afresh, so a run longer than a working session (the PTB-scale transformer's can take
-hours on one CPU core) would never finish. After every epoch but the last, the LM
+afresh, so without these a run longer than a working session (the PTB-scale
+transformer's can take hours on one CPU core) would never finish on that machine. After every epoch but the last, the LM
 loop saves what the rest of the run depends on: model and optimizer state (DropGrad's
 seed, step count and schedule positions included), the LR schedule, the global and
 gradient-noise RNG states, and the epochs so far with the early-stopping state. A
@@ -12,9 +12,11 @@ restarted run loads it and continues bitwise as if never stopped
 A checkpoint is used only by the same run (run id), on the same device and under the
 same training code (a hash of ``dropgrad/`` and the experiments' files that compute a
 run, :data:`TRAINING_SOURCES`; the report, the suites' lists and the harness may change
-in between); any other is set aside with a message and the run starts afresh. The harness keeps checkpoints in
-``<results dir>/checkpoints/<run id>.pt`` (ignored by git) and deletes one when its run
-ends or fails.
+in between); any other is set aside with a message and the run starts afresh. The
+harness keeps checkpoints in ``<results dir>/checkpoints/<run id>.pt`` and deletes one
+when its run ends or fails. They are ignored by git (about 100 MB for the transformer),
+so they resume a run only on a machine whose disk outlives the session: on a fresh
+machine the run starts over.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ __all__ = ["EpochCheckpoint", "source_fingerprint", "checkpoint_path", "saved_wa
 
 #: the files of ``experiments/`` a run's numbers (and its resumption) depend on
 TRAINING_SOURCES = ("checkpoints.py", "config.py", "data.py", "generative.py", "models.py", "rl.py", "train.py")
+
+#: how a mismatch of each part of a checkpoint's key is named in the message
+_KEY_WORDS = {"run": "run", "device": "device", "source": "training code (dropgrad/ or TRAINING_SOURCES changed)"}
+
 
 def source_fingerprint() -> str:
     """sha256 over the files a run's numbers depend on: ``dropgrad/`` (Python and C) and :data:`TRAINING_SOURCES`."""
@@ -83,7 +89,7 @@ class EpochCheckpoint:
         state = torch.load(self.path, map_location="cpu", weights_only=False)  # our own file
         found = state.get("key", {})
         if found != self.key:
-            why = ", ".join(k for k in self.key if found.get(k) != self.key[k]) or "format"
+            why = ", ".join(_KEY_WORDS[k] for k in self.key if found.get(k) != self.key[k]) or "format"
             os.replace(self.path, self.path + ".stale")
             self.log(f"checkpoint {self.path} is of another {why}: set aside (.stale); the run starts afresh")
             return None

@@ -389,6 +389,14 @@ def test_the_harness_resumes_a_killed_lm_run_and_sets_aside_a_foreign_checkpoint
     assert any("of another device: set aside" in x for x in lines)
     (run,) = [r for r in load_runs([str(results / "t.jsonl")]) if r.config["seed"] == 1]
     assert run.summary == real(other)
+    # one saved under other training code is set aside too, and the message says why
+    ck = EpochCheckpoint(str(tmp_path / "code.pt"), cfg, log=lambda *a: None)
+    ck.save({"history": [{"epoch": 1}], "wall_s": 1.0})
+    changed = EpochCheckpoint(ck.path, cfg, log=lines.append)
+    changed.key["source"] = "0" * 64
+    lines.clear()
+    assert changed.load() is None and os.path.exists(ck.path + ".stale") and not os.path.exists(ck.path)
+    assert len(lines) == 1 and "of another training code" in lines[0]
 
 
 def test_finish_by_starts_only_runs_expected_to_fit(tmp_path, monkeypatch):
