@@ -17,11 +17,11 @@ import argparse
 import glob
 import os
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
 from dropgrad import DropGrad
 from dropgrad.integrations.lightning import DropGradCallback
 

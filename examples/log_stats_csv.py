@@ -40,7 +40,7 @@ def main() -> None:
 
     writer = None
     if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: pip install tensorboard)
 
         writer = SummaryWriter(args.tensorboard)
 
@@ -68,8 +68,9 @@ def main() -> None:
                 writer.add_scalar("dropgrad/skipped", float(row["skipped"]), step)
     if writer is not None:
         writer.close()
-    print(f"wrote {args.steps} rows to {args.out}; final loss {loss.item():.4f}; "
-          f"skipped steps: {sum(1 for _ in open(args.out) if _.rstrip().endswith('True'))}")
+    with open(args.out) as f:
+        skipped = sum(1 for line in f if line.rstrip().endswith("True"))
+    print(f"wrote {args.steps} rows to {args.out}; final loss {loss.item():.4f}; skipped steps: {skipped}")
 
 
 if __name__ == "__main__":

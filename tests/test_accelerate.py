@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from dropgrad import DropGrad  # noqa: E402
 from dropgrad.integrations import DropGradHook  # noqa: E402
+
 from _integration_helpers import GradRecorder, hand_masked, same, snapshot, tiny_mlp  # noqa: E402
 
 SEED, RATE, MAX_NORM, ACCUM = 7, 0.5, 0.05, 2

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from dropgrad import DropGrad
 from dropgrad.integrations import DropGradHook, base_optimizer
+
 from _integration_helpers import batches, same, snapshot, tiny_mlp
 
-O = torch.optim
+O = torch.optim  # noqa: E741 (short for the long table below)
 SEED, RATE = 5, 0.4
 
 

@@ -20,6 +20,7 @@ from torch.optim import lr_scheduler as L
 
 import dropgrad.wrapper as wrapper_module
 from dropgrad import DropGrad
+
 from _integration_helpers import (
     GradRecorder,
     batches,

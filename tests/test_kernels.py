@@ -801,7 +801,7 @@ def test_four_processes_build_into_an_empty_cache_at_once(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     lines = [out.split() for out, _ in results]
     assert all(line[1] == "True" for line in lines), lines  # every process: the reference's bits

@@ -18,7 +18,6 @@ import torch
 from dropgrad import DropGrad, masks
 
 
-
 def _fused_ok(cls):
     try:
         p = torch.nn.Parameter(torch.zeros(2))
@@ -97,7 +96,7 @@ def _train(name, model, opt, steps, start=0, hand_mask=None):
     for step in range(start, start + steps):
         x, y = _batch(step, sparse)
 
-        def closure():
+        def closure(x=x, y=y, step=step):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -121,7 +120,8 @@ def test_wrapped_step_equals_hand_masked_reference(name):
     ref_params = list(ref_model.parameters())
 
     def hand_mask(step):
-        thr = masks.keep_threshold(p); scale = masks.survivor_scale(thr)
+        thr = masks.keep_threshold(p)
+        scale = masks.survivor_scale(thr)
         for j, q in enumerate(ref_params):
             g = q.grad._values() if q.grad.is_sparse else q.grad
             keep = masks.keep_mask(g.numel(), masks.derive_key(seed, step, j), thr).view(g.shape)

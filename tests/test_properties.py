@@ -79,7 +79,9 @@ def test_the_most_specific_name_key_wins(keys, data):
         winners = [k for s, k in scored if s == best]
         ambiguous |= len(winners) > 1 and len({rates[k] for k in winners}) > 1
         expected.append(rates[winners[0]])
-    build = lambda: DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), params=rates, model=model, seed=0)
+    def build():
+        return DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), params=rates, model=model, seed=0)
+
     if ambiguous:
         with pytest.raises(ValueError):
             build()

@@ -10,8 +10,6 @@ import pickle
 import pytest
 import torch
 
-from _compat import requires_named_optimizers
-
 from dropgrad import DropGrad
 from dropgrad import schedules as S
 from dropgrad.schedules import (
@@ -26,6 +24,8 @@ from dropgrad.schedules import (
     SequentialDropRateScheduler,
     StepDropRateScheduler,
 )
+
+from _compat import requires_named_optimizers
 
 
 def _save_load(obj):

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from dropgrad import DropGrad, drop_grad_
-from dropgrad import masks
+from dropgrad import DropGrad, drop_grad_, masks
 
 SIGMA = 6.0  # a correct mask fails one of these checks with probability < 1e-8
 N = 1_000_000

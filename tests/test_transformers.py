@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 from dropgrad import DropGrad  # noqa: E402
 from dropgrad.integrations.transformers import DropGradTrainerCallback  # noqa: E402
+
 from _integration_helpers import GradRecorder, hand_masked, same, snapshot, zero_share  # noqa: E402
 
 SEED, RATE, STEPS = 7, 0.5, 6  # 24 sequences, batch 4, accumulation 2: 3 steps per epoch

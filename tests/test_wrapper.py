@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from _compat import requires_named_optimizers
+from dropgrad import DropGrad
 
-from dropgrad import DropGrad, masks
+from _compat import requires_named_optimizers
 
 
 def _linear(seed=0):
@@ -442,7 +442,7 @@ def _twin_runs(make, steps, between=None, per_param=None, **wrap):
         record = seen[impl] = []
 
         class Spy(torch.optim.SGD):
-            def step(self, closure=None):
+            def step(self, closure=None, record=record):
                 record.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
                 return super().step(closure)
 
