@@ -2,11 +2,11 @@
 
 The harness resumes a suite by run id, but a run without an ``end`` record starts
 afresh, so without these a run longer than a working session (the PTB-scale
-transformer's can take hours on one CPU core) would never finish on that machine. After every epoch but the last, the LM
-loop saves what the rest of the run depends on: model and optimizer state (DropGrad's
-seed, step count and schedule positions included), the LR schedule, the global and
-gradient-noise RNG states, and the epochs so far with the early-stopping state. A
-restarted run loads it and continues bitwise as if never stopped
+transformer's can take hours on one CPU core) would never finish on that machine. After
+every epoch but the last, the LM loop saves what the rest of the run depends on: model
+and optimizer state (DropGrad's seed, step count and schedule positions included), the
+LR schedule, the global and gradient-noise RNG states, and the epochs so far with the
+early-stopping state. A restarted run loads it and continues bitwise as if never stopped
 (``tests/test_experiments.py`` checks this).
 
 A checkpoint is used only by the same run (run id), on the same device and under the
