@@ -641,12 +641,13 @@ def write_report(
                    f"{', '.join(f'{c} {n}' for c, n in sorted(cpus.items())) or '–'} | "
                    f"`python -m experiments suite {suite} --results-dir experiments/results` |")
     doc += ["", f"Measured so far: {total_s / 60:.0f} min of run time (each run counted once, although a run shared by "
-            f"two suites is listed under both); estimated left: {left_s / 60:.0f} min{' plus groups not started yet (+)' if any_unknown else ''}. "
+            f"two suites is listed under both); estimated left: {left_s / 60:.0f} min{' plus groups with no finished run yet (+)' if any_unknown else ''}. "
             "Times are single-thread, on a machine shared with other work, so they vary. "
             "`python -m experiments suite all --results-dir experiments/results` runs (or resumes) everything, three "
             "seeds of every setting first.", ""]
 
-    incomplete = [f"`{g.suite}` / {g.group} ({g.finished}/{g.expected} runs)" if g.finished else f"`{g.suite}` / {g.group} (not started)"
+    incomplete = [f"`{g.suite}` / {g.group} ({g.finished}/{g.expected} runs)" if g.finished
+                  else f"`{g.suite}` / {g.group} (none of {g.expected} runs finished)"
                   for gs in all_groups.values() for g in gs if g.finished < g.expected]
     doc += ["Incomplete groups (their rows below are partial, or absent): " + ("; ".join(incomplete) if incomplete else "none") + ".", ""]
     doc += _summary(all_groups)

@@ -513,6 +513,10 @@ def test_report_tables_and_plots(tmp_path):
     g = collect(configs, {r.id: r for r in load_runs([str(tmp_path / "res" / "t.jsonl")])})[0]
     rows = {r["setting"]: r for r in g.rows("best")}
     assert rows["none"]["n"] == 2 and math.isnan(rows["none"]["p"]) and rows["dg"]["pairs"] == 2
+    # a group with no finished run is listed as such, with how many runs it expects
+    never = [c.replace(group="never run", lr=c.lr * 2) for c in configs[:3]]
+    write_report(str(tmp_path / "res"), str(out), configs={"t": configs + never})
+    assert "`t` / never run (none of 3 runs finished)" in out.read_text()
 
 
 def test_statistics_helpers():
