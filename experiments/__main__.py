@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp, results_default=DEFAULT_RESULTS):
         sp.add_argument("--results-dir", default=results_default, help=f"folder of JSONL results files (default {results_default})")
-        sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys of every run (e.g. data_dir=/data device=cuda)")
+        sp.add_argument(
+            "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+            help="override config keys of every run (e.g. data_dir=/data device=cuda; a repeated --set adds to the list)",
+        )
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     q = sub.add_parser("quick", help="the quick suite (digits, no download, < 5 min); prints a table")

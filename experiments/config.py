@@ -198,7 +198,8 @@ def _parse_value(name: str, text: str, typ: object) -> object:
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """Turn ``["lr=0.01", "model=cnn"]`` into typed values; unknown keys are an error."""
+    """Turn ``["lr=0.01", "model=cnn"]`` into typed values; unknown keys are an error, and so is
+    a key given twice with different values (which one was meant is not ours to guess)."""
     known = {f.name: f for f in fields(RunConfig)}
     out: dict[str, object] = {}
     for item in items:
@@ -210,7 +211,10 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
             close = [k for k in known if k.startswith(key[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}; see `python -m experiments config`")
-        out[key] = _parse_value(key, text, _field_type(known[key]))
+        value = _parse_value(key, text, _field_type(known[key]))
+        if key in out and out[key] != value:
+            raise ConfigError(f"config key {key!r} is given twice, as {out[key]!r} and as {value!r}; give it once")
+        out[key] = value
     return out
 
 

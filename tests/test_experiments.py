@@ -54,6 +54,19 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         RunConfig(schedule="sawtooth")
 
 
+def test_repeated_set_adds_to_the_overrides_and_a_key_given_twice_differently_is_an_error():
+    from experiments.__main__ import _parser, _suite_configs
+
+    # two --set flags: the second once replaced the first, dropping data_dir without a word
+    args = _parser().parse_args(["suite", "quick", "--set", "data_dir=/elsewhere", "--set", "threads=2", "epochs=1"])
+    configs = _suite_configs("quick", args)
+    assert configs and all((c.data_dir, c.threads, c.epochs) == ("/elsewhere", 2, 1) for c in configs)
+    assert parse_overrides(["epochs=2", "epochs=2"]) == {"epochs": 2}  # the same value twice is harmless
+    with pytest.raises(ConfigError, match="'epochs' is given twice, as 2 and as 3"):
+        parse_overrides(["epochs=2", "epochs=3"])
+    assert main(["suite", "quick", "--dry-run", "--set", "epochs=2", "--set", "epochs=3"]) != 0
+
+
 def test_run_id_ignores_labels_and_location_but_not_computation():
     a = TINY.replace(group="g1", name="x", data_dir="/elsewhere", threads=2)
     assert run_id(a) == run_id(TINY)
