@@ -254,8 +254,9 @@ def generative() -> list[RunConfig]:
 
 # The whole Brown corpus (~1.16M tokens with <eos>, PTB-sized), Zaremba et al.'s small LSTM
 # (2 x 200, bptt 35, batch 20) and a small transformer, trained until validation perplexity
-# stops improving (patience 2, at most 20 epochs). Several hours per run on one CPU core:
-# run in the background; the harness resumes by run id.
+# stops improving (patience 2, at most 20 epochs). 30 to 90 minutes per run on this machine's
+# two cores (a transformer run about 30 as one two-thread process): run them in the background;
+# the harness resumes by run id.
 BROWN_ZAREMBA = RunConfig(
     suite="lm-full", task="brown", model="lstm", emb=200, hidden=200, layers=2, batch_size=20, bptt=35, lr=1e-3,
     clip_grad=5.0, epochs=20, patience=2, train_subset=0, eval_tokens=0,
@@ -365,7 +366,7 @@ DESCRIPTIONS = {
     "gpu-short": "one GPU, < 10 min: ResNet-20 on all of Fashion-MNIST, Zaremba-small LSTM and small transformer on the whole Brown corpus (lm-full's runs; 3 seeds; experiments/gpu_short.sh)",
     "rl": "stable-baselines3 PPO on CartPole-v1 and Acrobot-v1, 50k steps: p 0/0.1/0.3 and both controls (10 seeds)",
     "generative": "VAE on Fashion-MNIST 20k (test -ELBO) and char-level Shakespeare LSTM: p 0/0.1/0.3, controls, dropout (5 seeds)",
-    "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; hours each on CPU)",
+    "lm-full": "whole Brown corpus, Zaremba-small LSTM and 4-layer transformer, early stopping: p 0/0.1/0.3, dropout, controls (3 seeds; 30 to 90 minutes per run on CPU)",
     "lm": "Brown word-level LSTM (with a drop-rate sweep) and transformer, Shakespeare char-level LSTM (3 seeds)",
     "all": "quick + image + ablations + lm, ordered so that 3 seeds of everything come first",
     "gpu-cifar10": "CIFAR-10 ResNet-20, 100 epochs, SGD+cosine (needs a GPU and the CIFAR-10 python batches)",
