@@ -234,7 +234,7 @@ def run_suite(
             session of fixed length: no run is cut off at its end half done.
     """
     from .checkpoints import EpochCheckpoint, checkpoint_path, saved_wall_s
-    from .train import run_to_end
+    from .train import load_data, run_to_end
 
     done = finished_ids(results_dir)
     todo, seen = [], set(done)
@@ -265,6 +265,7 @@ def run_suite(
                 log(f"run {cfg.group}/{cfg.name} seed {cfg.seed} left for later: expected {need or 0:.0f}s, "
                     f"{max(finish_by_s - elapsed, 0):.0f}s left of --finish-by {finish_by_s:.0f}s")
                 continue
+        load_data(cfg)  # a missing data set stops the suite here, before a start record is written
         rf = ResultsFile(results_path(results_dir, cfg))
         rid, attempt = run_id(cfg), uuid.uuid4().hex[:12]
         import torch

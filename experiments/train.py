@@ -435,6 +435,18 @@ def _train_lm(cfg: RunConfig, progress: bool, checkpoint: EpochCheckpoint | None
     return _summarize(history, best[1], "ppl")
 
 
+def load_data(cfg: RunConfig) -> None:
+    """Load (and keep cached) the data set ``cfg`` trains on: a missing one
+    (:class:`~experiments.data.DatasetMissing`) is then reported before the harness records
+    the run as started, not after."""
+    if cfg.task in ("cartpole", "acrobot"):
+        return  # gymnasium's classic control needs no files
+    if is_language(cfg):
+        _load_tokens(cfg.task, cfg.data_dir, cfg.vocab_size)
+    else:
+        _load_images(cfg.task, cfg.data_dir)
+
+
 def train(cfg: RunConfig, progress: bool = False, checkpoint: EpochCheckpoint | None = None) -> Generator[dict, None, dict]:
     """Yield per-epoch metrics of one run; the generator's return value is the summary.
 

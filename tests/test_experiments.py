@@ -215,6 +215,9 @@ def test_missing_dataset_is_a_clear_message_not_a_traceback(tmp_path, capsys, ta
     assert code == 2 and "data set missing" in err and "Traceback" not in err
     if task in ("fashion_mnist", "brown", "shakespeare"):
         assert "experiments/get_data.sh" in err
+    # reported before the run is recorded as started: no orphan start record in the results file
+    results = list((tmp_path / "r").glob("*.jsonl"))
+    assert all(p.read_text() == "" for p in results), [p.read_text()[:200] for p in results]
 
 
 # ------------------------------------------------------------------ training and results
