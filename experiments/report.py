@@ -698,11 +698,17 @@ def _machine(r: Run) -> str:
     return _short_cpu(r.env.get("cpu"))
 
 
+def _epochs(c: RunConfig) -> str:
+    if c.patience:
+        return f"at most {c.epochs} epochs (stopped after {c.patience} without a better validation score)"
+    return f"{c.epochs} epochs"
+
+
 def _describe(c: RunConfig) -> str:
     if c.task in ("brown", "ptb", "wikitext2", "shakespeare"):
         arch = f"{c.model} emb {c.emb} hidden {c.hidden} x{c.layers}" if c.model == "lstm" else f"{c.model} d {c.emb} x{c.layers} heads {c.heads}"
         data = f"first {c.train_subset} training tokens" if c.train_subset else "all training tokens"
-        return (f"{c.task}, {arch}, {data}, {c.epochs} epochs, batch {c.batch_size}x{c.bptt}, {c.optimizer} lr {c.lr:g}, "
+        return (f"{c.task}, {arch}, {data}, {_epochs(c)}, batch {c.batch_size}x{c.bptt}, {c.optimizer} lr {c.lr:g}, "
                 f"clip {c.clip_grad:g}, eval on {c.eval_tokens or 'all'} tokens")
     arch = f"{c.model} {c.hidden}x{c.layers}" if c.model == "mlp" else f"{c.model} width {c.width}"
     data = f"{c.train_subset} training images" if c.train_subset else "all training images"
@@ -712,11 +718,11 @@ def _describe(c: RunConfig) -> str:
                 "return of the last 3 evaluations")
     if c.model == "vae":
         data = f"{c.train_subset} training images" if c.train_subset else "all training images"
-        return (f"{c.task}, VAE {c.hidden}-{c.latent}, {data}, {c.epochs} epochs, batch {c.batch_size}, {c.optimizer} "
+        return (f"{c.task}, VAE {c.hidden}-{c.latent}, {data}, {_epochs(c)}, batch {c.batch_size}, {c.optimizer} "
                 f"lr {c.lr:g}, validation {c.val_size}; test -ELBO in nats per image")
     extra = (f", {int(c.label_noise * 100)}% of training labels flipped to a different class (validation labels clean)"
              if c.label_noise else "")
-    return (f"{c.task}, {arch}, {data}{extra}, {c.epochs} epochs, batch {c.batch_size}, {c.optimizer} lr {c.lr:g}, "
+    return (f"{c.task}, {arch}, {data}{extra}, {_epochs(c)}, batch {c.batch_size}, {c.optimizer} lr {c.lr:g}, "
             f"validation {c.val_size}")
 
 

@@ -67,6 +67,15 @@ def test_repeated_set_adds_to_the_overrides_and_a_key_given_twice_differently_is
     assert main(["suite", "quick", "--dry-run", "--set", "epochs=2", "--set", "epochs=3"]) != 0
 
 
+def test_a_group_description_says_when_its_runs_stop_early():
+    from experiments.report import _describe
+    from experiments.suites import BROWN_LSTM, BROWN_ZAREMBA
+
+    assert "at most 20 epochs (stopped after 2 without a better validation score)" in _describe(BROWN_ZAREMBA)
+    assert ", 2 epochs," in _describe(BROWN_LSTM) and "at most" not in _describe(BROWN_LSTM)
+    assert "at most 5 epochs (stopped after 3" in _describe(RunConfig(epochs=5, patience=3))
+
+
 def test_run_id_ignores_labels_and_location_but_not_computation():
     a = TINY.replace(group="g1", name="x", data_dir="/elsewhere", threads=2)
     assert run_id(a) == run_id(TINY)
