@@ -22,19 +22,24 @@ from .checkpoints import EpochCheckpoint
 from .config import RunConfig
 from .models import build_image_model, build_lm
 from .progress import bar
+from .rl import RL_TASKS
 
-__all__ = ["train", "make_optimizer", "drop_rate_of", "is_language", "primary_metric"]
+__all__ = ["train", "make_optimizer", "drop_rate_of", "is_language", "is_rl", "primary_metric"]
 
 
 def is_language(cfg: RunConfig) -> bool:
     return cfg.task in D.TOKEN_TASKS
 
 
+def is_rl(cfg: RunConfig) -> bool:
+    return cfg.task in RL_TASKS
+
+
 def primary_metric(cfg_or_task) -> tuple[str, bool]:
     """The test metric a suite is judged by, and whether higher is better."""
     task = cfg_or_task if isinstance(cfg_or_task, str) else cfg_or_task.task
     model = None if isinstance(cfg_or_task, str) else cfg_or_task.model
-    if task in ("cartpole", "acrobot"):
+    if task in RL_TASKS:
         return ("return", True)
     if model == "vae":
         return ("nelbo", False)
@@ -439,7 +444,7 @@ def load_data(cfg: RunConfig) -> None:
     """Load (and keep cached) the data set ``cfg`` trains on: a missing one
     (:class:`~experiments.data.DatasetMissing`) is then reported before the harness records
     the run as started, not after."""
-    if cfg.task in ("cartpole", "acrobot"):
+    if is_rl(cfg):
         return  # gymnasium's classic control needs no files
     if is_language(cfg):
         _load_tokens(cfg.task, cfg.data_dir, cfg.vocab_size)
@@ -454,7 +459,7 @@ def train(cfg: RunConfig, progress: bool = False, checkpoint: EpochCheckpoint | 
     resumes from (:mod:`experiments.checkpoints`); the other runs are short and ignore it.
     """
     torch.set_num_threads(cfg.threads)
-    if cfg.task in ("cartpole", "acrobot"):
+    if is_rl(cfg):
         from .rl import train_rl
 
         return (yield from train_rl(cfg, progress))
