@@ -14,12 +14,20 @@ import json
 import typing
 from dataclasses import dataclass, fields
 
-__all__ = ["RunConfig", "ConfigError", "apply_overrides", "parse_overrides", "run_id", "describe_fields"]
+__all__ = [
+    "RunConfig", "ConfigError", "apply_overrides", "parse_overrides", "run_id", "describe_fields", "TOKEN_TASKS",
+    "RL_TASKS",
+]
 
 
 class ConfigError(ValueError):
     """A bad override: unknown key, or a value of the wrong type."""
 
+
+# The task families, here (torch-free) so that the report and the suites read the same names as
+# the loaders (data.TOKEN_TASKS) and the RL trainer (rl.RL_TASKS: task -> gymnasium id).
+TOKEN_TASKS = ("brown", "ptb", "wikitext2", "shakespeare")
+RL_TASKS = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1"}
 
 SCHEDULES = ("constant", "linear", "cosine", "step", "cyclical", "exponential", "warmup", "adaptive")
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import TOKEN_TASKS
+
 __all__ = [
     "DatasetMissing",
     "ImageData",
@@ -353,7 +355,6 @@ def load_shakespeare(root: str) -> TokenData:
     return TokenData(enc(train), enc(valid), enc(test), vocab)
 
 
-TOKEN_TASKS = ("brown", "ptb", "wikitext2", "shakespeare")
 _TOKEN_DIRS = {"brown": "brown", "ptb": "ptb", "wikitext2": "wikitext-2", "shakespeare": "shakespeare"}
 
 

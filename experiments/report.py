@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import RunConfig, run_id
+from .config import RL_TASKS, TOKEN_TASKS, RunConfig, run_id
 from .results import Run, load_runs
 
 __all__ = ["GroupStats", "collect", "console_tables", "write_report", "holm", "paired_test"]
@@ -705,14 +705,14 @@ def _epochs(c: RunConfig) -> str:
 
 
 def _describe(c: RunConfig) -> str:
-    if c.task in ("brown", "ptb", "wikitext2", "shakespeare"):
+    if c.task in TOKEN_TASKS:
         arch = f"{c.model} emb {c.emb} hidden {c.hidden} x{c.layers}" if c.model == "lstm" else f"{c.model} d {c.emb} x{c.layers} heads {c.heads}"
         data = f"first {c.train_subset} training tokens" if c.train_subset else "all training tokens"
         return (f"{c.task}, {arch}, {data}, {_epochs(c)}, batch {c.batch_size}x{c.bptt}, {c.optimizer} lr {c.lr:g}, "
                 f"clip {c.clip_grad:g}, eval on {c.eval_tokens or 'all'} tokens")
     arch = f"{c.model} {c.hidden}x{c.layers}" if c.model == "mlp" else f"{c.model} width {c.width}"
     data = f"{c.train_subset} training images" if c.train_subset else "all training images"
-    if c.task in ("cartpole", "acrobot"):
+    if c.task in RL_TASKS:
         return (f"{c.task} ({c.model.upper()}, stable-baselines3), MLP {c.hidden}x{c.layers}, {c.env_steps} env steps, "
                 f"{c.epochs} evaluations of {c.eval_episodes} deterministic episodes, adam lr {c.lr:g}; headline: mean "
                 "return of the last 3 evaluations")

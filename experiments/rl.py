@@ -1,11 +1,10 @@
 """Reinforcement learning with DropGrad: stable-baselines3 PPO/DQN on gymnasium classic control.
 
 stable-baselines3 builds a policy's optimizer as ``optimizer_class(params, lr=..., **kwargs)``,
-so DropGrad enters as a class: :func:`optimizer_class` returns one whose ``__init__`` builds
-``DropGrad(torch.optim.Adam(params, lr=lr, eps=...), drop_rate=..., seed=...)`` (or, for the
-Gaussian-noise control, an Adam that perturbs gradients with DropGrad's variance). This is a
-stand-in until ``dropgrad.optim`` (the library's class form) lands; switching is a one-line
-change in :func:`optimizer_class`.
+so DropGrad enters as a class: :func:`optimizer_class` returns the library's class form
+``dropgrad.optim.Adam`` (the same masks as ``DropGrad(torch.optim.Adam(params, lr=lr, eps=...),
+drop_rate=..., seed=...)``), plain ``torch.optim.Adam`` at p = 0, or, for the Gaussian-noise
+control, an Adam that perturbs gradients with DropGrad's variance.
 
 One run trains for ``cfg.env_steps`` environment steps, evaluating the deterministic policy
 on ``cfg.eval_episodes`` fresh episodes at ``cfg.epochs`` evenly spaced points; each point is
@@ -22,11 +21,10 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RL_TASKS, RunConfig
 
 __all__ = ["RL_TASKS", "optimizer_class", "train_rl", "iqm"]
 
-RL_TASKS = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1"}
 _LAST_EVALS = 3
 
 

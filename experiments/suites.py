@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .config import RunConfig
+from .config import RL_TASKS, RunConfig
 
 __all__ = ["SUITES", "GPU_SUITES", "get_suite", "suite_names", "DESCRIPTIONS", "PUBLISHED"]
 
@@ -221,7 +221,7 @@ def rl() -> list[RunConfig]:
     grid, controls = _rate_and_controls((0.1, 0.3))
     runs: list[RunConfig] = []
     for part in (grid, controls):  # the rate grid of both tasks first, the controls after
-        for task in ("cartpole", "acrobot"):
+        for task in RL_TASKS:  # cartpole, then acrobot
             b = RL_BASE.replace(task=task)
             settings = part if part is grid else {"p=0": {}, **part}
             runs += _seed_major(_group(b, f"ppo {task}", settings, RL_SEEDS, "p=0"))
