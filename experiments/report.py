@@ -473,13 +473,15 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
             if r["setting"] == g.baseline or not r["pairs"]:
                 continue
             good = (r["delta"] > 0) == g.higher
-            if not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
+            if r["pairs"] < 2:  # one seed: no paired test exists, so "no significant difference" would claim one
+                verdict = f"not tested ({r['pairs']} pair; a paired test needs two or more seeds)"
+            elif not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
                 verdict = "significantly " + ("better" if good else "worse")
             elif not math.isnan(r["p"]) and r["p"] < alpha:
                 verdict = ("better" if good else "worse") + " before, but not after, the Holm correction"
             else:
                 verdict = "no significant difference"
-            if when == "final" and "no significant" in verdict:
+            if when == "final" and ("no significant" in verdict or r["pairs"] < 2):
                 continue  # keep the list short: final-epoch entries only when something happens
             out.append(
                 f"{label} `{r['setting']}`: {_signed(r['delta'])} {unit} vs `{g.baseline}` "

@@ -771,6 +771,18 @@ def test_summary_verdicts_correct_once_and_credit_the_partner_or_control():
     assert pretty("dg+wd") == "DropGrad + weight decay" and pretty("ls") == "label smoothing"
 
 
+def test_findings_do_not_call_a_single_seed_comparison_a_non_difference():
+    from experiments.report import findings
+
+    (one,) = _fake_group({"none": 0.0, "dg": 0.02}, seeds=1)
+    (text,) = findings(one)
+    assert "n=1 pairs" in text and "not tested" in text and "no significant" not in text
+    (many,) = _fake_group({"none": 0.0, "dg": 0.0}, seeds=10)
+    assert any("no significant difference" in t for t in findings(many))
+    (many,) = _fake_group({"none": 0.0, "dg": 0.02}, seeds=10)
+    assert any("significantly better" in t for t in findings(many))
+
+
 @pytest.mark.parametrize(
     "suite,group,extra",
     [
