@@ -19,10 +19,9 @@ from torch import nn
 
 from . import data as D
 from .checkpoints import EpochCheckpoint
-from .config import RunConfig
+from .config import RL_TASKS, RunConfig
 from .models import build_image_model, build_lm
 from .progress import bar
-from .rl import RL_TASKS
 
 __all__ = ["train", "make_optimizer", "drop_rate_of", "is_language", "is_rl", "primary_metric"]
 
