@@ -485,7 +485,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 continue  # keep the list short: final-epoch entries only when something happens
             out.append(
                 f"{label} `{r['setting']}`: {_signed(r['delta'])} {unit} vs `{g.baseline}` "
-                f"(n={r['pairs']} pairs, p={_fmt_p(r['p'])}, Holm p={_fmt_p(r['p_holm'])}): {verdict}"
+                f"({_n_pairs(r['pairs'])}, p={_fmt_p(r['p'])}, Holm p={_fmt_p(r['p_holm'])}): {verdict}"
             )
     # controls: does DropGrad differ from the controls that mimic one of its effects?
     dgs = [s for s in g.settings.values() if s.configs[0].uses_dropgrad]
@@ -504,8 +504,12 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
             x = [_scale(a[k], g.metric) for k in seeds]
             y = [_scale(b[k], g.metric) for k in seeds]
             out.append(f"early-stopped `{d.name}` vs control `{c.name}`: {_signed(float(np.mean(x) - np.mean(y)))} {unit} "
-                       f"(n={len(seeds)} pairs, p={_fmt_p(paired_test(x, y))}, uncorrected)")
+                       f"({_n_pairs(len(seeds))}, p={_fmt_p(paired_test(x, y))}, uncorrected)")
     return out
+
+
+def _n_pairs(n: int) -> str:
+    return f"n={n} pair" + ("" if n == 1 else "s")
 
 
 def _reproduce(g: GroupStats, suite: str) -> str:
@@ -798,7 +802,8 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
       explains the gain;
     * **equivalent within ±margin**: the Holm-corrected TOST p < alpha (when the difference is
       also significant, it is called better/worse "by less than the margin");
-    * **inconclusive**: neither a difference nor equivalence is shown.
+    * **inconclusive**: neither a difference nor equivalence is shown;
+    * **not tested**: one pair (one seed), for which no paired test exists.
     """
     rows = []
     seen: dict = {}  # a comparison shared by two groups (same runs) enters the family once
@@ -830,7 +835,9 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
     for r in rows:
         good = (r["delta"] > 0) == r["higher"]
         equivalent = not math.isnan(r["p_tost_all"]) and r["p_tost_all"] < alpha
-        if not math.isnan(r["p_all"]) and r["p_all"] < alpha and equivalent:
+        if r["pairs"] < 2:  # as in findings(): with one pair neither test exists
+            verdict = "not tested (1 pair)"
+        elif not math.isnan(r["p_all"]) and r["p_all"] < alpha and equivalent:
             verdict = f"{'better' if good else 'worse'} by less than the margin: equivalent within ±{r['margin']:.3g}"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha:
             verdict = "**better**" if good else "**worse**"

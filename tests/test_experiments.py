@@ -772,11 +772,13 @@ def test_summary_verdicts_correct_once_and_credit_the_partner_or_control():
 
 
 def test_findings_do_not_call_a_single_seed_comparison_a_non_difference():
-    from experiments.report import findings
+    from experiments.report import findings, summary_rows
 
     (one,) = _fake_group({"none": 0.0, "dg": 0.02}, seeds=1)
     (text,) = findings(one)
-    assert "n=1 pairs" in text and "not tested" in text and "no significant" not in text
+    assert "(n=1 pair," in text and "not tested" in text and "no significant" not in text
+    (row,) = summary_rows({"s": [one]})  # the summary table says the same, not "inconclusive"
+    assert row["verdict"] == "not tested (1 pair)"
     (many,) = _fake_group({"none": 0.0, "dg": 0.0}, seeds=10)
     assert any("no significant difference" in t for t in findings(many))
     (many,) = _fake_group({"none": 0.0, "dg": 0.02}, seeds=10)
