@@ -648,7 +648,7 @@ def write_report(
                    f"`python -m experiments suite {suite} --results-dir experiments/results` |")
     doc += ["", f"Measured so far: {total_s / 60:.0f} min of run time (each run counted once, although a run shared by "
             f"two suites is listed under both); estimated left: {left_s / 60:.0f} min{' plus groups with no finished run yet (+)' if any_unknown else ''}. "
-            "Times are single-thread, on a machine shared with other work, so they vary. "
+            f"Times are wall-clock per run ({_time_basis(runs.values())}), on machines shared with other work, so they vary. "
             "`python -m experiments suite all --results-dir experiments/results` runs (or resumes) everything, three "
             "seeds of every setting first.", ""]
 
@@ -695,6 +695,13 @@ def _short_cpu(cpu: str | None) -> str:
     """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon' (for a table cell)."""
     text = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu or "?")
     return " ".join(text.split()) or "?"
+
+
+def _time_basis(runs) -> str:
+    """What the run times were measured on: runs counted by GPU, or by the torch thread count of a CPU run."""
+    on = Counter("a GPU" if str(r.config.get("device", "cpu")).startswith("cuda") else
+                 f"{r.env.get('torch_threads') or r.config.get('threads', 1)} CPU thread(s)" for r in runs)
+    return ", ".join(f"{n} on {k}" for k, n in sorted(on.items(), key=lambda kv: -kv[1]))
 
 
 def _machine(r: Run) -> str:

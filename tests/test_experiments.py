@@ -530,6 +530,13 @@ def test_report_tables_and_plots(tmp_path):
     cpu = environment()["cpu"]
     assert f"| {_short_cpu(cpu)} 8 |" in md  # the suite's row says which CPU model ran its 8 runs
     assert environment()["cpu_flags"] == [] or f"SIMD flags recorded on {cpu}: " in md
+    assert "Times are wall-clock per run (8 on 1 CPU thread(s))" in md  # what the times were measured on, counted
+    from experiments.report import _time_basis
+    from experiments.results import Run
+
+    mixed = [Run("a", {"device": "cuda", "threads": 1}, {"torch_threads": 1}, [], {}, 1.0),
+             Run("b", {"threads": 2}, {"torch_threads": 2}, [], {}, 1.0), Run("c", {"threads": 2}, {}, [], {}, 1.0)]
+    assert _time_basis(mixed) == "2 on 2 CPU thread(s), 1 on a GPU"
     figs = sorted(os.listdir(tmp_path / "docs" / "figures" / "results"))
     assert figs == ["t-g-bars.png", "t-g-curves.png", "t-g-robust.png", "t-g-vs-rate.png"]
     for f in figs:
