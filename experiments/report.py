@@ -698,9 +698,18 @@ def _short_cpu(cpu: str | None) -> str:
 
 
 def _time_basis(runs) -> str:
-    """What the run times were measured on: runs counted by GPU, or by the torch thread count of a CPU run."""
-    on = Counter("a GPU" if str(r.config.get("device", "cpu")).startswith("cuda") else
-                 f"{r.env.get('torch_threads') or r.config.get('threads', 1)} CPU thread(s)" for r in runs)
+    """What the run times were measured on: runs counted by GPU, or by the torch thread count of a CPU run.
+
+    The count in effect is recorded per run for the :data:`STRICT_PROVENANCE` suites; the older
+    suites recorded it before the run set its own (``threads`` in the config), so theirs is read
+    from the config.
+    """
+    def threads(r: Run):
+        strict = r.config.get("suite") in STRICT_PROVENANCE and r.env.get("torch_threads")
+        return r.env["torch_threads"] if strict else r.config.get("threads", 1)
+
+    on = Counter("a GPU" if str(r.config.get("device", "cpu")).startswith("cuda") else f"{threads(r)} CPU thread(s)"
+                 for r in runs)
     return ", ".join(f"{n} on {k}" for k, n in sorted(on.items(), key=lambda kv: -kv[1]))
 
 

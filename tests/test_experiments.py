@@ -535,8 +535,10 @@ def test_report_tables_and_plots(tmp_path):
     from experiments.results import Run
 
     mixed = [Run("a", {"device": "cuda", "threads": 1}, {"torch_threads": 1}, [], {}, 1.0),
-             Run("b", {"threads": 2}, {"torch_threads": 2}, [], {}, 1.0), Run("c", {"threads": 2}, {}, [], {}, 1.0)]
-    assert _time_basis(mixed) == "2 on 2 CPU thread(s), 1 on a GPU"
+             Run("b", {"suite": "lm-full", "threads": 1}, {"torch_threads": 2}, [], {}, 1.0),  # newer: the recorded count
+             Run("c", {"suite": "lm", "threads": 2}, {"torch_threads": 1}, [], {}, 1.0),  # older: recorded too early
+             Run("d", {"threads": 1}, {}, [], {}, 1.0)]
+    assert _time_basis(mixed) == "2 on 2 CPU thread(s), 1 on a GPU, 1 on 1 CPU thread(s)"
     figs = sorted(os.listdir(tmp_path / "docs" / "figures" / "results"))
     assert figs == ["t-g-bars.png", "t-g-curves.png", "t-g-robust.png", "t-g-vs-rate.png"]
     for f in figs:
