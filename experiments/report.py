@@ -708,14 +708,17 @@ def _time_basis(runs) -> str:
         strict = r.config.get("suite") in STRICT_PROVENANCE and r.env.get("torch_threads")
         return r.env["torch_threads"] if strict else r.config.get("threads", 1)
 
-    on = Counter("a GPU" if str(r.config.get("device", "cpu")).startswith("cuda") else f"{threads(r)} CPU thread(s)"
-                 for r in runs)
-    return ", ".join(f"{n} on {k}" for k, n in sorted(on.items(), key=lambda kv: -kv[1]))
+    on = Counter("a GPU" if _on_cuda(r) else f"{threads(r)} CPU thread(s)" for r in runs)
+    return ", ".join(f"{n} on {k}" for k, n in on.most_common())
+
+
+def _on_cuda(r: Run) -> bool:
+    return str(r.config.get("device", "cpu")).startswith("cuda")
 
 
 def _machine(r: Run) -> str:
     """What a run computed on: its GPU for a CUDA run, else its CPU model (short)."""
-    if str(r.config.get("device", "cpu")).startswith("cuda") and r.env.get("cuda"):
+    if _on_cuda(r) and r.env.get("cuda"):
         return _short_cpu(r.env["cuda"])
     return _short_cpu(r.env.get("cpu"))
 
