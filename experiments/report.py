@@ -464,6 +464,11 @@ def _robust_table(g: GroupStats) -> str:
 # ------------------------------------------------------------------ findings and the document
 
 
+MIN_PAIRS = 2
+"""Fewest seed pairs a comparison needs: below it neither the paired t-test nor TOST exists, and
+findings(), the control comparisons and summary_rows() all say "not tested" (or leave it out)."""
+
+
 def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
     """Sentences generated from the numbers: which settings differ from the baseline, and how reliably."""
     out = []
@@ -473,7 +478,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
             if r["setting"] == g.baseline or not r["pairs"]:
                 continue
             good = (r["delta"] > 0) == g.higher
-            if r["pairs"] < 2:  # one seed: no paired test exists, so "no significant difference" would claim one
+            if r["pairs"] < MIN_PAIRS:  # no paired test exists, so "no significant difference" would claim one
                 verdict = f"not tested ({r['pairs']} pair; a paired test needs two or more seeds)"
             elif not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
                 verdict = "significantly " + ("better" if good else "worse")
@@ -481,7 +486,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 verdict = ("better" if good else "worse") + " before, but not after, the Holm correction"
             else:
                 verdict = "no significant difference"
-            if when == "final" and ("no significant" in verdict or r["pairs"] < 2):
+            if when == "final" and ("no significant" in verdict or r["pairs"] < MIN_PAIRS):
                 continue  # keep the list short: final-epoch entries only when something happens
             out.append(
                 f"{label} `{r['setting']}`: {_signed(r['delta'])} {unit} vs `{g.baseline}` "
@@ -499,7 +504,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 continue
             a, b = d.values(key), c.values(key)
             seeds = sorted(set(a) & set(b))
-            if len(seeds) < 2:
+            if len(seeds) < MIN_PAIRS:
                 continue
             x = [_scale(a[k], g.metric) for k in seeds]
             y = [_scale(b[k], g.metric) for k in seeds]
@@ -800,7 +805,7 @@ def _controls_of(g: GroupStats, name: str, when: str) -> list[tuple[str, float, 
         key = f"test_{g.metric}_{when}"
         a, b = me.values(key), other.values(key)
         seeds = sorted(set(a) & set(b))
-        if len(seeds) < 2:
+        if len(seeds) < MIN_PAIRS:
             continue
         x = [_scale(a[k], g.metric) for k in seeds]
         y = [_scale(b[k], g.metric) for k in seeds]
@@ -854,7 +859,7 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
     for r in rows:
         good = (r["delta"] > 0) == r["higher"]
         equivalent = not math.isnan(r["p_tost_all"]) and r["p_tost_all"] < alpha
-        if r["pairs"] < 2:  # as in findings(): with one pair neither test exists
+        if r["pairs"] < MIN_PAIRS:  # as in findings(): neither test exists
             verdict = "not tested (1 pair)"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha and equivalent:
             verdict = f"{'better' if good else 'worse'} by less than the margin: equivalent within ±{r['margin']:.3g}"
