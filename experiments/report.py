@@ -612,7 +612,7 @@ def write_report(
                "model takes other floating-point paths in torch's kernels, so its runs differ slightly and only their "
                "statistics reproduce (`python -m experiments compare RERUN_DIR --suite S` checks that; the column "
                "*ran on* below counts each suite's runs by CPU model, or GPU for runs on CUDA).")
-    threads_used = sorted({r.env.get("torch_threads") for r in runs.values() if r.config.get("suite") in STRICT_PROVENANCE} - {None})
+    threads_used = sorted({_recorded_threads(r) for r in runs.values()} - {None})
     if threads_used:
         doc.append(f"* torch threads in effect (recorded per run, newer suites): {', '.join(map(str, threads_used))}")
     from .results import ResultsFile
@@ -709,12 +709,14 @@ def _time_basis(runs) -> str:
     suites recorded it before the run set its own (``threads`` in the config), so theirs is read
     from the config.
     """
-    def threads(r: Run):
-        strict = r.config.get("suite") in STRICT_PROVENANCE and r.env.get("torch_threads")
-        return r.env["torch_threads"] if strict else r.config.get("threads", 1)
-
-    on = Counter("a GPU" if _on_cuda(r) else f"{threads(r)} CPU thread(s)" for r in runs)
+    on = Counter("a GPU" if _on_cuda(r) else f"{_recorded_threads(r) or r.config.get('threads', 1)} CPU thread(s)" for r in runs)
     return ", ".join(f"{n} on {k}" for k, n in on.most_common())
+
+
+def _recorded_threads(r: Run) -> int | None:
+    """The torch thread count a run recorded, where the record is the count in effect (the
+    :data:`STRICT_PROVENANCE` suites); None for the older suites, which recorded it too early."""
+    return r.env.get("torch_threads") if r.config.get("suite") in STRICT_PROVENANCE else None
 
 
 def _on_cuda(r: Run) -> bool:
