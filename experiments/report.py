@@ -479,7 +479,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 continue
             good = (r["delta"] > 0) == g.higher
             if r["pairs"] < MIN_PAIRS:  # no paired test exists, so "no significant difference" would claim one
-                verdict = f"not tested ({r['pairs']} pair; a paired test needs two or more seeds)"
+                verdict = f"not tested ({_n_pairs(r['pairs']).removeprefix('n=')}; a paired test needs {MIN_PAIRS} or more seeds)"
             elif not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
                 verdict = "significantly " + ("better" if good else "worse")
             elif not math.isnan(r["p"]) and r["p"] < alpha:
@@ -829,7 +829,7 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
     * **equivalent within ±margin**: the Holm-corrected TOST p < alpha (when the difference is
       also significant, it is called better/worse "by less than the margin");
     * **inconclusive**: neither a difference nor equivalence is shown;
-    * **not tested**: one pair (one seed), for which no paired test exists.
+    * **not tested**: fewer than :data:`MIN_PAIRS` pairs (seeds), for which no paired test exists.
     """
     rows = []
     seen: dict = {}  # a comparison shared by two groups (same runs) enters the family once
@@ -862,7 +862,7 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
         good = (r["delta"] > 0) == r["higher"]
         equivalent = not math.isnan(r["p_tost_all"]) and r["p_tost_all"] < alpha
         if r["pairs"] < MIN_PAIRS:  # as in findings(): neither test exists
-            verdict = "not tested (1 pair)"
+            verdict = f"not tested ({_n_pairs(r['pairs']).removeprefix('n=')})"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha and equivalent:
             verdict = f"{'better' if good else 'worse'} by less than the margin: equivalent within ±{r['margin']:.3g}"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha:

@@ -794,6 +794,18 @@ def test_findings_do_not_call_a_single_seed_comparison_a_non_difference():
     assert any("significantly better" in t for t in findings(many))
 
 
+def test_not_tested_verdicts_follow_min_pairs(monkeypatch):
+    """The texts come from MIN_PAIRS and the pair count, not from a literal 'one seed'."""
+    import experiments.report as report
+
+    monkeypatch.setattr(report, "MIN_PAIRS", 3)
+    (two,) = _fake_group({"none": 0.0, "dg": 0.02}, seeds=2)
+    (text,) = [t for t in report.findings(two) if t.startswith("early-stopped")]
+    assert "not tested (2 pairs; a paired test needs 3 or more seeds)" in text
+    (row,) = report.summary_rows({"s": [two]})
+    assert row["verdict"] == "not tested (2 pairs)"
+
+
 @pytest.mark.parametrize(
     "suite,group,extra",
     [
