@@ -141,6 +141,11 @@ def _dispatch(grads, indices, thresholds, scales, offsets, prefix, stream, impl)
     if isinstance(prefix, torch.Tensor):
         _mask_clocked(grads, indices, thresholds, scales, offsets, numels, _check_clock(prefix), stream, impl)
         return
+    _route(grads, indices, thresholds, scales, offsets, numels, prefix, stream, impl)
+
+
+def _route(grads, indices, thresholds, scales, offsets, numels, prefix: int, stream, impl) -> None:
+    """Send checked, non-empty lists (see _dispatch) to the kernels that serve them, under an int prefix."""
     on_cuda = any(map(_get_is_cuda, grads))
     if on_cuda:
         cuda.refuse_graph_capture()  # for every kernel: a captured step would repeat its masks
@@ -218,8 +223,8 @@ def _mask_clocked(grads, indices, thresholds, scales, offsets, numels, clock, st
             )
         seed, step = clock.tolist()  # one read (a synchronization on a GPU); never inside a capture
         pick = lambda xs: [xs[j] for j in rest]  # noqa: E731
-        _dispatch(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets),
-                  masks.step_prefix(seed, step), stream, impl)
+        _route(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets), pick(numels),
+               masks.step_prefix(seed, step), stream, impl)  # the lists were checked once, in _dispatch
     if served:
         pick = lambda xs: [xs[j] for j in served]  # noqa: E731
         cuda.mask_clocked_(pick(grads), pick(indices), pick(thresholds), pick(scales), pick(offsets), clock, stream)
