@@ -479,7 +479,7 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
                 continue
             good = (r["delta"] > 0) == g.higher
             if r["pairs"] < MIN_PAIRS:  # no paired test exists, so "no significant difference" would claim one
-                verdict = f"not tested ({_n_pairs(r['pairs']).removeprefix('n=')}; a paired test needs {MIN_PAIRS} or more seeds)"
+                verdict = f"not tested ({_pairs(r['pairs'])}; a paired test needs {MIN_PAIRS} or more seeds)"
             elif not math.isnan(r["p_holm"]) and r["p_holm"] < alpha:
                 verdict = "significantly " + ("better" if good else "worse")
             elif not math.isnan(r["p"]) and r["p"] < alpha:
@@ -513,8 +513,12 @@ def findings(g: GroupStats, alpha: float = 0.05) -> list[str]:
     return out
 
 
+def _pairs(n: int) -> str:
+    return f"{n} pair" + ("" if n == 1 else "s")
+
+
 def _n_pairs(n: int) -> str:
-    return f"n={n} pair" + ("" if n == 1 else "s")
+    return "n=" + _pairs(n)
 
 
 def _reproduce(g: GroupStats, suite: str) -> str:
@@ -862,7 +866,7 @@ def summary_rows(all_groups: dict[str, list[GroupStats]], alpha: float = 0.05) -
         good = (r["delta"] > 0) == r["higher"]
         equivalent = not math.isnan(r["p_tost_all"]) and r["p_tost_all"] < alpha
         if r["pairs"] < MIN_PAIRS:  # as in findings(): neither test exists
-            verdict = f"not tested ({_n_pairs(r['pairs']).removeprefix('n=')})"
+            verdict = f"not tested ({_pairs(r['pairs'])})"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha and equivalent:
             verdict = f"{'better' if good else 'worse'} by less than the margin: equivalent within ±{r['margin']:.3g}"
         elif not math.isnan(r["p_all"]) and r["p_all"] < alpha:
